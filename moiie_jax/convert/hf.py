@@ -1,0 +1,169 @@
+"""Reading Hugging Face checkpoint folders and building a checked NNX state from converted tensors.
+
+The per-architecture key maps live beside this file (`llm_keys.py`, `vision_keys.py`); this module holds what
+they share: the folder reader (safetensors, sharded or not, and PyTorch `.bin`), and `build_state`, which checks
+every converted path and shape against `nnx.eval_shape` of the target model. Nothing here guesses: a missing,
+unexpected or mis-shaped key is a `ConvertError` that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Iterable, Mapping
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from moiie_jax.convert.errors import ConvertError
+
+Path = tuple  # a flat NNX state path, e.g. ('language_model', 'model', 'layers', 0, 'mlp', 'gate_proj', 'kernel')
+
+_SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+}
+_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
+                 'pytorch_model.bin.index.json')
+
+
+def read_config(folder: str) -> dict[str, Any]:
+  """The folder's config.json as a dict; a clear error when the folder is not an HF checkpoint."""
+  if not os.path.isdir(folder):
+    raise ConvertError(f'{folder}: not a directory (expected a Hugging Face checkpoint folder)')
+  path = os.path.join(folder, 'config.json')
+  if not os.path.isfile(path):
+    raise ConvertError(f'{folder}: no config.json, so this is not a Hugging Face checkpoint folder')
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConvertError(f'{path}: not valid JSON ({e})') from e
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file with numpy alone (bf16 via ml_dtypes, which safetensors' numpy loader lacks)."""
+  try:
+    with open(path, 'rb') as f:
+      (header_len,) = struct.unpack('<Q', f.read(8))
+      header = json.loads(f.read(header_len))
+      data = f.read()
+  except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConvertError(f'{path}: not a readable safetensors file ({e})') from e
+  out = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    dtype = _SAFETENSORS_DTYPES.get(info['dtype'])
+    if dtype is None:
+      raise ConvertError(f'{path}: tensor {name} has unsupported dtype {info["dtype"]}')
+    start, end = info['data_offsets']
+    out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info['shape'])
+  return out
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch  # only needed for legacy .bin checkpoints
+  except ImportError as e:
+    raise ConvertError(f'{path}: reading PyTorch .bin checkpoints needs torch (pip install torch), or convert '
+                       f'the folder to safetensors first') from e
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # torch raises many types for a bad file
+    raise ConvertError(f'{path}: not a readable PyTorch checkpoint ({e})') from e
+  out = {}
+  for name, tensor in state.items():
+    if tensor.dtype == torch.bfloat16:
+      out[name] = tensor.float().numpy().astype(ml_dtypes.bfloat16)
+    else:
+      out[name] = tensor.numpy()
+  return out
+
+
+def read_tensors(folder: str) -> dict[str, np.ndarray]:
+  """All weights of an HF checkpoint folder by their HF names (safetensors preferred over .bin)."""
+  read_config(folder)
+  for index_name, reader in (('model.safetensors.index.json', _read_safetensors),
+                             ('pytorch_model.bin.index.json', _read_torch_bin)):
+    index_path = os.path.join(folder, index_name)
+    if os.path.isfile(index_path):
+      with open(index_path) as f:
+        shards = sorted(set(json.load(f)['weight_map'].values()))
+      tensors = {}
+      for shard in shards:
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+          raise ConvertError(f'{index_path}: lists shard {shard}, which is missing from {folder}')
+        tensors.update(reader(shard_path))
+      return tensors
+  for name, reader in (('model.safetensors', _read_safetensors), ('pytorch_model.bin', _read_torch_bin)):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      return reader(path)
+  raise ConvertError(f'{folder}: has config.json but no weights (expected one of {list(_WEIGHT_FILES)})')
+
+
+def _name(path: Path) -> str:
+  return '.'.join(str(p) for p in path)
+
+
+def flat_abstract(model_or_state: Any) -> dict[Path, jax.ShapeDtypeStruct]:
+  """Flat {path: ShapeDtypeStruct} of an (abstract) NNX model's parameters."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+  return {tuple(path): var.get_value() if hasattr(var, 'get_value') else var.value
+          for path, var in nnx.to_flat_state(state)}
+
+
+def check_paths(flat: Mapping[Path, Any], abstract: Mapping[Path, Any], where: str) -> None:
+  """Raises a ConvertError naming every missing, unexpected or mis-shaped parameter (first few of each)."""
+  def listing(paths: Iterable[Path]) -> str:
+    names = sorted(_name(p) for p in paths)
+    more = f' (and {len(names) - 8} more)' if len(names) > 8 else ''
+    return ', '.join(names[:8]) + more
+
+  missing = set(abstract) - set(flat)
+  unexpected = set(flat) - set(abstract)
+  if missing:
+    raise ConvertError(f'{where}: missing parameters for {listing(missing)}')
+  if unexpected:
+    raise ConvertError(f'{where}: unexpected parameters {listing(unexpected)}')
+  for path in sorted(flat, key=_name):
+    got, want = tuple(np.shape(flat[path])), tuple(abstract[path].shape)
+    if got != want:
+      raise ConvertError(f'{where}: {_name(path)} has shape {got}, the model expects {want}')
+
+
+def build_state(abstract_model: Any, flat: Mapping[Path, np.ndarray], where: str) -> nnx.State:
+  """An nnx.State of `abstract_model`'s parameters filled from `flat`, cast to each parameter's dtype.
+
+  `abstract_model` comes from `nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))`; `where` names the
+  source (a folder) in errors.
+  """
+  state = nnx.state(abstract_model, nnx.Param)
+  abstract = flat_abstract(state)
+  check_paths(flat, abstract, where)
+  items = []
+  for path, var in nnx.to_flat_state(state):
+    path = tuple(path)
+    var = var.replace(jax.numpy.asarray(np.asarray(flat[path]).astype(abstract[path].dtype)))
+    items.append((path, var))
+  return nnx.from_flat_state(items)
+
+
+def take(tensors: dict[str, np.ndarray], key: str, where: str) -> np.ndarray:
+  """Pops `key` from `tensors`; a clear error naming key and source when it is missing."""
+  if key not in tensors:
+    raise ConvertError(f'{where}: missing tensor {key}')
+  return tensors.pop(key)
+
+
+def reject_leftovers(tensors: Mapping[str, np.ndarray], where: str) -> None:
+  """Every tensor must have been consumed by a key map: a leftover is an unexpected key."""
+  if tensors:
+    names = sorted(tensors)
+    more = f' (and {len(names) - 8} more)' if len(names) > 8 else ''
+    raise ConvertError(f'{where}: unexpected tensors {", ".join(names[:8])}{more}')

@@ -1,0 +1,1 @@
+"""moiie_jax.infer."""

@@ -1,0 +1,252 @@
+"""The embedded demo data: coloured shapes, questions about them, and a tokenizer, generated from a seed.
+
+Each image (RGB, image_size^2, white background) holds 1 to 3 copies of one shape (circle, square, triangle) in one
+colour, at distinct positions (left, right, top, bottom, center). Questions ask for the colour, the shape, the count
+or (single-object images only) the position, in several phrasings; every answer is one word. Splits:
+
+  captions.json  stage 1: "<image>" + "a red circle on the left" (the plain template)
+  train.json     stage 2: several question turns per image
+  eval.json      held out (new images): one question per record; metadata lists its type and answer
+
+Everything is written as LLaVA JSON + an image folder, plus a WordLevel tokenizer trained on the generated text
+(tokenizer.json, tokenizer_config.json) so the demo loads data and tokenizer exactly as for real checkpoints.
+Chance level of the eval set = mean over its questions of 1 / |answers of that question's type|.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tokenizers
+from PIL import Image, ImageDraw
+from tokenizers import models, pre_tokenizers, processors, trainers
+
+from moiie_jax.data.conversations import get_template
+from moiie_jax.data.records import write_records
+
+COLORS = {'red': (220, 30, 30), 'green': (30, 160, 40), 'blue': (30, 60, 220), 'yellow': (235, 200, 20),
+          'purple': (140, 40, 170), 'orange': (245, 130, 20)}
+SHAPES = ('circle', 'square', 'triangle')
+# Centre of each position as fractions of the image side (x, y).
+POSITIONS = {'left': (0.18, 0.5), 'right': (0.82, 0.5), 'top': (0.5, 0.18), 'bottom': (0.5, 0.82),
+             'center': (0.5, 0.5)}
+# Object radius and jitter as fractions of the image side: neighbours (0.32 apart) never touch.
+RADIUS, JITTER = 0.10, 0.02
+COUNT_WORDS = ('one', 'two', 'three')
+BACKGROUND = (255, 255, 255)
+SPECIAL_TOKENS = ('<unk>', '<pad>', '<s>', '</s>', '<image>')
+TEMPLATE = 'demo'
+
+ANSWERS = {'color': tuple(COLORS), 'shape': SHAPES, 'count': COUNT_WORDS, 'position': tuple(POSITIONS)}
+QUESTIONS = {
+    'color': ('What color is the shape?', 'Which colour is the object?', 'What is the color of the shape in the '
+              'image?', 'Tell me the colour of the object.'),
+    'shape': ('What shape is shown?', 'Which shape is in the image?', 'What kind of shape is this?',
+              'Name the shape.'),
+    'count': ('How many shapes are there?', 'How many objects can you see?', 'Count the shapes.',
+              'What is the number of shapes?'),
+    'position': ('Where is the shape?', 'Where is the object located?', 'In which part of the image is the shape?',
+                 'What is the position of the shape?'),
+}
+SUFFIXES = ('', ' Answer with one word.', ' Answer the question using a single word.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """What an image shows: `count` copies of `shape` in `color` at `positions`."""
+  color: str
+  shape: str
+  positions: tuple[str, ...]
+
+  @property
+  def count(self) -> int:
+    return len(self.positions)
+
+  def answer(self, qtype: str) -> str:
+    if qtype == 'color':
+      return self.color
+    if qtype == 'shape':
+      return self.shape
+    if qtype == 'count':
+      return COUNT_WORDS[self.count - 1]
+    if qtype == 'position':
+      if self.count != 1:
+        raise ValueError('position questions are asked about single-object images only')
+      return self.positions[0]
+    raise ValueError(f'question type {qtype!r}: expected one of {sorted(ANSWERS)}')
+
+  def caption(self) -> str:
+    noun = self.shape if self.count == 1 else self.shape + 's'
+    where = ' and '.join(f'the {p}' if p != 'center' else 'the center' for p in self.positions)
+    article = 'a' if self.count == 1 else COUNT_WORDS[self.count - 1]
+    prep = 'in' if self.positions == ('center',) else 'on' if self.count == 1 else 'at'
+    return f'{article} {self.color} {noun} {prep} {where}'
+
+  def question_types(self) -> tuple[str, ...]:
+    return ('color', 'shape', 'count', 'position') if self.count == 1 else ('color', 'shape', 'count')
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+  count = int(rng.choice([1, 1, 2, 3]))  # single objects half the time: they carry the position questions
+  positions = tuple(str(p) for p in rng.choice(list(POSITIONS), size=count, replace=False))
+  return Scene(str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)), positions)
+
+
+def draw(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
+  """Renders a scene; small seeded jitter in position and size keeps images distinct."""
+  img = Image.new('RGB', (size, size), BACKGROUND)
+  canvas = ImageDraw.Draw(img)
+  color = COLORS[scene.color]
+  for pos in scene.positions:
+    fx, fy = POSITIONS[pos]
+    cx = (fx + rng.uniform(-JITTER, JITTER)) * size
+    cy = (fy + rng.uniform(-JITTER, JITTER)) * size
+    r = size * RADIUS * rng.uniform(0.9, 1.05)
+    if scene.shape == 'circle':
+      canvas.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif scene.shape == 'square':
+      s = r * 0.9
+      canvas.rectangle([cx - s, cy - s, cx + s, cy + s], fill=color)
+    else:
+      canvas.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=color)
+  return img
+
+
+def _question(rng: np.random.Generator, qtype: str) -> str:
+  return str(rng.choice(QUESTIONS[qtype])) + str(rng.choice(SUFFIXES))
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoDataset:
+  """Paths and facts of a generated demo dataset (also saved as metadata.json)."""
+  root: str
+  train_json: str
+  captions_json: str
+  eval_json: str
+  image_folder: str
+  tokenizer_dir: str
+  template: str
+  image_size: int
+  seed: int
+  answers: dict[str, tuple[str, ...]]
+  eval_questions: tuple[dict[str, str], ...]  # {'id', 'type', 'question', 'answer', 'image'}
+  chance_level: float
+  chance_by_type: dict[str, float]
+  vocab_size: int
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _scene_records(rng, n, prefix, image_folder, image_size, make_turns):
+  records = []
+  for i in range(n):
+    scene = random_scene(rng)
+    name = f'{prefix}_{i:05d}.png'
+    draw(scene, image_size, rng).save(os.path.join(image_folder, name), format='PNG')
+    records.append(make_turns(scene, name, f'{prefix}_{i:05d}'))
+  return records
+
+
+def _train_tokenizer(texts: list[str], out_dir: str) -> tokenizers.Tokenizer:
+  tok = tokenizers.Tokenizer(models.WordLevel(unk_token='<unk>'))
+  # Whitespace splits words from punctuation ("USER:" -> "USER", ":"), keeping character offsets.
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1))
+  bos = tok.token_to_id('<s>')
+  tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A $B', special_tokens=[('<s>', bos)])
+  os.makedirs(out_dir, exist_ok=True)
+  tok.save(os.path.join(out_dir, 'tokenizer.json'))
+  config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<s>', 'eos_token': '</s>',
+            'pad_token': '<pad>', 'unk_token': '<unk>', 'add_bos_token': True, 'model_max_length': 4096}
+  with open(os.path.join(out_dir, 'tokenizer_config.json'), 'w') as f:
+    json.dump(config, f, indent=2)
+  with open(os.path.join(out_dir, 'special_tokens_map.json'), 'w') as f:
+    json.dump({k: config[k] for k in ('bos_token', 'eos_token', 'pad_token', 'unk_token')}, f, indent=2)
+  return tok
+
+
+def make_demo_dataset(out_dir: str, seed: int = 0, n_train: int = 512, n_eval: int = 128, image_size: int = 32,
+                      n_captions: int | None = None, turns_per_image: int = 3) -> DemoDataset:
+  """Generates the demo data under out_dir (deterministic in `seed`); returns its paths and metadata."""
+  if min(n_train, n_eval) < 1 or image_size < 16:
+    raise ValueError(f'make_demo_dataset: n_train={n_train}, n_eval={n_eval} must be >= 1 and '
+                     f'image_size={image_size} >= 16')
+  n_captions = n_train if n_captions is None else n_captions
+  image_folder = os.path.join(out_dir, 'images')
+  os.makedirs(image_folder, exist_ok=True)
+  # Independent streams per split, so n_train does not change the eval images.
+  rng_cap, rng_train, rng_eval = (np.random.default_rng([seed, k]) for k in range(3))
+
+  def caption_record(scene, name, rid):
+    return {'id': rid, 'image': name, 'conversations': [
+        {'from': 'human', 'value': '<image>\nDescribe the image briefly.'},
+        {'from': 'gpt', 'value': scene.caption()}]}
+
+  def train_record(scene, name, rid):
+    qtypes = list(scene.question_types())
+    rng_train.shuffle(qtypes)
+    conversation = []
+    for t, qtype in enumerate(qtypes[:turns_per_image]):
+      q = _question(rng_train, qtype)
+      conversation += [{'from': 'human', 'value': ('<image>\n' + q) if t == 0 else q},
+                       {'from': 'gpt', 'value': scene.answer(qtype)}]
+    return {'id': rid, 'image': name, 'conversations': conversation}
+
+  eval_questions = []
+
+  def eval_record(scene, name, rid):
+    qtype = str(rng_eval.choice(scene.question_types()))
+    q = _question(rng_eval, qtype)
+    eval_questions.append({'id': rid, 'type': qtype, 'question': q, 'answer': scene.answer(qtype), 'image': name})
+    return {'id': rid, 'image': name, 'conversations': [
+        {'from': 'human', 'value': '<image>\n' + q}, {'from': 'gpt', 'value': scene.answer(qtype)}]}
+
+  splits = {'captions': _scene_records(rng_cap, n_captions, 'cap', image_folder, image_size, caption_record),
+            'train': _scene_records(rng_train, n_train, 'train', image_folder, image_size, train_record),
+            'eval': _scene_records(rng_eval, n_eval, 'eval', image_folder, image_size, eval_record)}
+  paths = {name: os.path.join(out_dir, f'{name}.json') for name in splits}
+  for name, records in splits.items():
+    write_records(paths[name], records)
+
+  # Tokenizer corpus: every rendered conversation (template words included) and every possible answer/phrase.
+  template = get_template(TEMPLATE)
+  texts = []
+  for records in splits.values():
+    for r in records:
+      turns = [(r['conversations'][i]['value'], r['conversations'][i + 1]['value'])
+               for i in range(0, len(r['conversations']), 2)]
+      texts.append(template.render(turns, '</s>')[0])
+  texts += [' '.join(v) for v in ANSWERS.values()] + [q + s for qs in QUESTIONS.values() for q in qs
+                                                       for s in SUFFIXES]
+  texts += [Scene(c, s, (p,)).caption() for c in COLORS for s in SHAPES for p in POSITIONS]
+  texts += [f'{w} {c} {s}s' for w in COUNT_WORDS for c in COLORS for s in SHAPES]
+  tokenizer_dir = os.path.join(out_dir, 'tokenizer')
+  tok = _train_tokenizer(texts, tokenizer_dir)
+
+  chance_by_type = {t: 1 / len(a) for t, a in ANSWERS.items()}
+  chance = float(np.mean([chance_by_type[q['type']] for q in eval_questions]))
+  ds = DemoDataset(root=out_dir, train_json=paths['train'], captions_json=paths['captions'], eval_json=paths['eval'],
+                   image_folder=image_folder, tokenizer_dir=tokenizer_dir, template=TEMPLATE, image_size=image_size,
+                   seed=seed, answers=dict(ANSWERS), eval_questions=tuple(eval_questions), chance_level=chance,
+                   chance_by_type=chance_by_type, vocab_size=tok.get_vocab_size(with_added_tokens=True))
+  with open(os.path.join(out_dir, 'metadata.json'), 'w') as f:
+    json.dump(ds.to_json(), f, indent=1)
+  return ds
+
+
+def load_demo_metadata(out_dir: str) -> DemoDataset:
+  """The DemoDataset of an already generated folder."""
+  path = os.path.join(out_dir, 'metadata.json')
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f'{path}: no demo metadata ({e}); run make_demo_dataset first') from e
+  data['answers'] = {k: tuple(v) for k, v in data['answers'].items()}
+  data['eval_questions'] = tuple(data['eval_questions'])
+  return DemoDataset(**data)

@@ -160,6 +160,7 @@ class LLMConfig:
   tie_word_embeddings: bool = False
   attention_bias: bool = False
   mlp_bias: bool = False
+  sliding_window: int | None = None  # Phi-3: keys further back than this are not attended (HF applies it)
   initializer_range: float = 0.02
   pad_token_id: int | None = None
   bos_token_id: int | None = None
@@ -337,8 +338,10 @@ def llm_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LLMConfig:
   rope_theta = hf.get('rope_theta')
   # transformers 5 keeps theta (and the scaling) in `rope_parameters`.
   params = hf.get('rope_parameters')
+  partial = hf.get('partial_rotary_factor')
   if isinstance(params, Mapping):
     rope_theta = params.get('rope_theta', rope_theta)
+    partial = params.get('partial_rotary_factor', partial)
     kind = params.get('rope_type', params.get('type', 'default'))
     if kind != 'default':
       rope_scaling = {k: v for k, v in params.items() if k != 'rope_theta'}
@@ -358,12 +361,13 @@ def llm_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LLMConfig:
       rms_norm_eps=_get(hf, 'rms_norm_eps', 1e-6),
       rope_theta=float(_get({'t': rope_theta}, 't', 10000.0)),
       rope_scaling=_freeze(rope_scaling) if rope_scaling else None,
-      partial_rotary_factor=float(_get(hf, 'partial_rotary_factor', 1.0)),
+      partial_rotary_factor=float(1.0 if partial is None else partial),
       max_position_embeddings=_get(hf, 'max_position_embeddings', 4096),
       original_max_position_embeddings=hf.get('original_max_position_embeddings'),
       tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
       attention_bias=bool(hf.get('attention_bias', False)),
       mlp_bias=bool(hf.get('mlp_bias', False)),
+      sliding_window=hf.get('sliding_window'),
       initializer_range=_get(hf, 'initializer_range', 0.02),
       pad_token_id=hf.get('pad_token_id'),
       bos_token_id=hf.get('bos_token_id'),

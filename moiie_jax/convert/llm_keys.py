@@ -1,0 +1,216 @@
+"""Hugging Face LLaMA / Phi-3 tensors <-> the flat parameter paths of `moiie_jax.models.decoder.CausalLM`.
+
+Pure functions: renames, transposes ([out, in] torch weights -> [in, out] kernels) and, for cfg.scan_layers,
+stacking layers on the leading axis `decoder.layer_location` names. No RoPE permutation (we keep HF's rotate_half
+layout) and no folded scalings.
+
+Where the LLM's keys live (`decoder_prefix`: the HF base model, `LlamaModel`; `lm_head_key`: the output head):
+  LlamaForCausalLM / Phi3ForCausalLM           'model.'                 'lm_head.weight'
+  LLaVA file (save_pretrained, llava-hf)       'language_model.model.'  'language_model.lm_head.weight'
+  LLaVA in-memory state_dict (transformers 5)  'model.language_model.'  'lm_head.weight'
+(`HF_LAYOUTS` holds these.) Keys outside `decoder_prefix` other than `lm_head_key` are left alone (a LLaVA
+checkpoint's vision keys belong to another converter); every key under `decoder_prefix` must be mapped or it is an
+error naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from moiie_jax.convert.errors import ConvertError
+from moiie_jax.models.config import LLMConfig
+from moiie_jax.models.decoder import layer_location
+
+HF_LAYOUTS = {
+    'causal_lm': ('model.', 'lm_head.weight'),
+    'llava_legacy': ('language_model.model.', 'language_model.lm_head.weight'),
+    'llava': ('model.language_model.', 'lm_head.weight'),
+}
+
+# Buffers some older checkpoints saved although they are derived from the config; safe to drop.
+_IGNORED_LAYER_SUFFIXES = ('self_attn.rotary_emb.inv_freq',)
+_IGNORED_BASE_KEYS = ('rotary_emb.inv_freq',)
+_LAYER_KEY = re.compile(r'layers\.(\d+)\.(.+)$')
+
+
+def _layer_rules(cfg: LLMConfig) -> dict[str, tuple[tuple[str, ...], bool, tuple[int, ...]]]:
+  """HF suffix under `layers.{i}.` -> (our path under the layer, transpose?, HF shape)."""
+  d, f = cfg.hidden_size, cfg.intermediate_size
+  n, g, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
+  rules = {
+      'input_layernorm.weight': (('input_layernorm', 'weight'), False, (d,)),
+      'post_attention_layernorm.weight': (('post_attention_layernorm', 'weight'), False, (d,)),
+      'self_attn.o_proj.weight': (('self_attn', 'o_proj', 'kernel'), True, (d, n * h)),
+      'mlp.down_proj.weight': (('mlp', 'down_proj', 'kernel'), True, (d, f)),
+  }
+  if cfg.fused_projections:
+    rules['self_attn.qkv_proj.weight'] = (('self_attn', 'qkv_proj', 'kernel'), True, ((n + 2 * g) * h, d))
+    rules['mlp.gate_up_proj.weight'] = (('mlp', 'gate_up_proj', 'kernel'), True, (2 * f, d))
+    return rules
+  for name, out in (('q_proj', n * h), ('k_proj', g * h), ('v_proj', g * h)):
+    rules[f'self_attn.{name}.weight'] = (('self_attn', name, 'kernel'), True, (out, d))
+    if cfg.attention_bias:
+      rules[f'self_attn.{name}.bias'] = (('self_attn', name, 'bias'), False, (out,))
+  if cfg.attention_bias:
+    rules['self_attn.o_proj.bias'] = (('self_attn', 'o_proj', 'bias'), False, (d,))
+  for name in ('gate_proj', 'up_proj'):
+    rules[f'mlp.{name}.weight'] = (('mlp', name, 'kernel'), True, (f, d))
+    if cfg.mlp_bias:
+      rules[f'mlp.{name}.bias'] = (('mlp', name, 'bias'), False, (f,))
+  if cfg.mlp_bias:
+    rules['mlp.down_proj.bias'] = (('mlp', 'down_proj', 'bias'), False, (d,))
+  return rules
+
+
+def _check_dense(cfg: LLMConfig) -> None:
+  if cfg.moe.is_moe:
+    raise ConvertError(f'LLMConfig.moe.variant={cfg.moe.variant!r}: a dense HF checkpoint has no expert weights for '
+                       f'the MoE layers {list(cfg.moe_layers)}; convert it with the dense config (moe variant '
+                       f"'dense') and then upcycle (moiie_jax.convert.upcycle)")
+
+
+def _check_shape(key: str, array: np.ndarray, want: tuple[int, ...]) -> None:
+  if tuple(array.shape) != tuple(want):
+    raise ConvertError(f'{key}: shape {tuple(array.shape)}, expected {tuple(want)} for this LLMConfig')
+
+
+def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decoder_prefix: str = 'model.',
+                       lm_head_key: str = 'lm_head.weight') -> dict[tuple, np.ndarray]:
+  """Our flat state paths (as `nnx.to_flat_state(nnx.state(CausalLM(cfg)))` lists them) -> arrays.
+
+  tensors: HF name -> array (numpy, any dtype; kept as given). Kernels come back transposed to [in, out] and, with
+  cfg.scan_layers, stacked on the leading axis. Raises ConvertError naming the key for an unmapped key under
+  `decoder_prefix`, a missing key, a wrong shape, a tied lm_head that differs from the embeddings, or an MoE config.
+  """
+  _check_dense(cfg)
+  rules = _layer_rules(cfg)
+  n_layers = cfg.num_hidden_layers
+  out: dict[tuple, np.ndarray] = {}
+  stacked: dict[tuple, dict[int, np.ndarray]] = {}
+  seen: set[str] = set()
+
+  def put(path: tuple, stack_index: int | None, array: np.ndarray) -> None:
+    if stack_index is None:
+      out[path] = array
+    else:
+      stacked.setdefault(path, {})[stack_index] = array
+
+  embed_key = decoder_prefix + 'embed_tokens.weight'
+  for key, value in tensors.items():
+    if key == lm_head_key:
+      continue  # after the embeddings (a tied head is compared with them)
+    if not key.startswith(decoder_prefix):
+      continue
+    rest = key[len(decoder_prefix):]
+    array = np.asarray(value)
+    if rest == 'embed_tokens.weight':
+      _check_shape(key, array, (cfg.vocab_size, cfg.hidden_size))
+      put(('model', 'embed_tokens', 'embedding'), None, array)
+    elif rest == 'norm.weight':
+      _check_shape(key, array, (cfg.hidden_size,))
+      put(('model', 'norm', 'weight'), None, array)
+    elif rest in _IGNORED_BASE_KEYS:
+      continue
+    elif m := _LAYER_KEY.match(rest):
+      i, suffix = int(m.group(1)), m.group(2)
+      if suffix in _IGNORED_LAYER_SUFFIXES:
+        continue
+      if i >= n_layers:
+        raise ConvertError(f'{key}: layer {i} does not exist; LLMConfig.num_hidden_layers={n_layers}')
+      if suffix not in rules:
+        raise ConvertError(f'{key}: no rule maps this key for architecture={cfg.architecture!r} (attention_bias='
+                           f'{cfg.attention_bias}, mlp_bias={cfg.mlp_bias}); expected one of layers.{{i}}.'
+                           f'{sorted(rules)}')
+      sub, transpose, shape = rules[suffix]
+      _check_shape(key, array, shape)
+      location, stack_index = layer_location(cfg, i)
+      put(location + sub, stack_index, array.T if transpose else array)
+    else:
+      raise ConvertError(f'{key}: no rule maps this key (expected {decoder_prefix}embed_tokens.weight, '
+                         f'{decoder_prefix}norm.weight or {decoder_prefix}layers.{{i}}.*)')
+    seen.add(key)
+
+  if cfg.tie_word_embeddings:
+    if lm_head_key in tensors:
+      head = np.asarray(tensors[lm_head_key])
+      if embed_key not in tensors or not np.array_equal(head, np.asarray(tensors[embed_key])):
+        raise ConvertError(f'{lm_head_key}: LLMConfig.tie_word_embeddings=True but this tensor differs from '
+                           f'{embed_key}; set tie_word_embeddings=False to load it')
+  elif lm_head_key in tensors:
+    head = np.asarray(tensors[lm_head_key])
+    _check_shape(lm_head_key, head, (cfg.vocab_size, cfg.hidden_size))
+    out[('lm_head', 'kernel')] = head.T
+    seen.add(lm_head_key)
+
+  missing = [k for k in llm_hf_keys(cfg, decoder_prefix, lm_head_key) if k not in seen]
+  if missing:
+    more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
+    raise ConvertError(f'missing HF keys {missing[:5]}{more} (decoder_prefix={decoder_prefix!r}, '
+                       f'lm_head_key={lm_head_key!r})')
+  for path, by_index in stacked.items():
+    out[path] = np.stack([by_index[b] for b in range(len(by_index))])
+  return out
+
+
+def llm_hf_keys(cfg: LLMConfig, decoder_prefix: str = 'model.', lm_head_key: str = 'lm_head.weight') -> list[str]:
+  """Every HF key a dense checkpoint of this config holds (without a tied lm_head), in layer order."""
+  keys = [decoder_prefix + 'embed_tokens.weight']
+  suffixes = list(_layer_rules(cfg))
+  keys += [f'{decoder_prefix}layers.{i}.{s}' for i in range(cfg.num_hidden_layers) for s in suffixes]
+  keys.append(decoder_prefix + 'norm.weight')
+  if not cfg.tie_word_embeddings:
+    keys.append(lm_head_key)
+  return keys
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  # nnx.Variable (from nnx.to_flat_state) or a plain array.
+  if hasattr(value, 'get_value'):
+    value = value.get_value()
+  return np.asarray(value)
+
+
+def llm_params_to_hf(flat: Mapping[tuple, Any], cfg: LLMConfig, decoder_prefix: str = 'model.',
+                     lm_head_key: str = 'lm_head.weight', include_tied_lm_head: bool = False) -> dict[str, np.ndarray]:
+  """The inverse of `llm_params_from_hf`: HF name -> numpy array ([out, in] weights, layers unstacked).
+
+  flat: our path -> array or nnx.Variable (e.g. `dict(nnx.to_flat_state(nnx.state(model)))`). A tied model
+  exports no lm_head unless include_tied_lm_head (HF's state_dict() lists it, save_pretrained drops it). A path of
+  ours that no rule reads, or a missing one, is a ConvertError naming it.
+  """
+  _check_dense(cfg)
+  rules = _layer_rules(cfg)
+  flat = {tuple(k): v for k, v in flat.items()}
+  used: set[tuple] = set()
+
+  def get(path: tuple) -> np.ndarray:
+    if path not in flat:
+      raise ConvertError(f'parameter {"/".join(map(str, path))} is missing from the state to export')
+    used.add(path)
+    return _to_numpy(flat[path])
+
+  out: dict[str, np.ndarray] = {}
+  embedding = get(('model', 'embed_tokens', 'embedding'))
+  out[decoder_prefix + 'embed_tokens.weight'] = embedding
+  cache: dict[tuple, np.ndarray] = {}
+  for i in range(cfg.num_hidden_layers):
+    location, stack_index = layer_location(cfg, i)
+    for suffix, (sub, transpose, _) in rules.items():
+      path = location + sub
+      if path not in cache:
+        cache[path] = get(path)
+      array = cache[path] if stack_index is None else cache[path][stack_index]
+      out[f'{decoder_prefix}layers.{i}.{suffix}'] = np.ascontiguousarray(array.T if transpose else array)
+  out[decoder_prefix + 'norm.weight'] = get(('model', 'norm', 'weight'))
+  if cfg.tie_word_embeddings:
+    if include_tied_lm_head:
+      out[lm_head_key] = embedding
+  else:
+    out[lm_head_key] = np.ascontiguousarray(get(('lm_head', 'kernel')).T)
+  unused = sorted('/'.join(map(str, p)) for p in set(flat) - used)
+  if unused:
+    raise ConvertError(f'parameters {unused[:5]} have no HF name in a dense {cfg.architecture} checkpoint')
+  return out

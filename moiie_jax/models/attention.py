@@ -1,0 +1,120 @@
+"""Causal self-attention with grouped K/V heads (HF `LlamaAttention` / `Phi3Attention`), RoPE and a KV cache.
+
+Parameters carry HF names: LLaMA `q_proj`, `k_proj`, `v_proj`, `o_proj` (bias iff cfg.attention_bias); Phi-3 one
+fused `qkv_proj` (kernel [D, (N + 2G) * H], columns q | k | v as in HF) and `o_proj`, no biases.
+
+Grouped-query attention never repeats K/V: the N query heads are viewed as [G, R] (R = N / G query heads per
+K/V head, head n = g * R + r as in HF's `repeat_kv`) and one einsum contracts them against the G K/V heads.
+Scores are scaled like HF (q @ k^T * H^-0.5 in the compute dtype), masked, and softmaxed in float32.
+
+Letters: B batch, T query tokens, S key slots, D model width, N query heads, G K/V heads, R query heads per K/V
+head, H head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moiie_jax.models import rope
+from moiie_jax.models.config import ConfigError, LLMConfig
+
+
+def logical(init, *axes: str):
+  """`init` plus logical axis names (mapped to the mesh by the rules table); no sharding at creation time."""
+  return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def attention_mask(q_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None = None) -> jax.Array:
+  """Which key slots each query may attend to: bool[B, T, S].
+
+  q_slots: int32[T], the slot (cache index) of each query; key_valid: bool[B, S], the slots holding real tokens.
+  Causality is over slots, not positions, as in HF (left padding shifts positions but not slots). With a sliding
+  window w, HF keeps keys with q - k < w.
+  """
+  k_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+  allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+  if sliding_window is not None:
+    allowed &= k_slots[None, :] > q_slots[:, None] - sliding_window
+  return allowed[None] & key_valid[:, None, :]
+
+
+def dot_product_attention(q_btnh: jax.Array, k_bsgh: jax.Array, v_bsgh: jax.Array, mask_bts: jax.Array,
+                          scale: float) -> jax.Array:
+  """Softmax(q k^T * scale) v over G K/V heads without repeating them; float32 softmax.
+
+  q: [B, T, N, H]; k, v: [B, S, G, H]; mask: bool[B, T, S] -> [B, T, N, H] in q's dtype. A query whose keys are all
+  masked (a padding token) gets a uniform average rather than NaN; its output is never meaningful.
+  """
+  b, t, n, h = q_btnh.shape
+  g = k_bsgh.shape[2]
+  q_btgrh = q_btnh.reshape(b, t, g, n // g, h)
+  scores = jnp.einsum('BTGRH,BSGH->BGRTS', q_btgrh, k_bsgh) * jnp.asarray(scale, q_btnh.dtype)
+  scores = scores.astype(jnp.float32)
+  scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bsgh.dtype)
+  out = jnp.einsum('BGRTS,BSGH->BTGRH', probs, v_bsgh)
+  return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+  """Self-attention of one decoder layer."""
+
+  def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.num_heads = cfg.num_attention_heads
+    self.num_kv_heads = cfg.num_key_value_heads
+    self.head_dim = cfg.resolved_head_dim
+    d, n, g, h = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+    if cfg.fused_projections and cfg.attention_bias:
+      raise ConfigError('LLMConfig.attention_bias=True: Phi-3 attention has no biases (HF ignores the flag)')
+    init = nnx.initializers.normal(cfg.initializer_range)
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    bias_init = logical(nnx.initializers.zeros_init(), 'heads')
+    if cfg.fused_projections:
+      self.qkv_proj = nnx.Linear(d, (n + 2 * g) * h, use_bias=False, kernel_init=logical(init, 'embed', 'qkv'),
+                                 **kw)
+    else:
+      proj = dict(use_bias=cfg.attention_bias, kernel_init=logical(init, 'embed', 'heads'), bias_init=bias_init, **kw)
+      self.q_proj = nnx.Linear(d, n * h, **proj)
+      self.k_proj = nnx.Linear(d, g * h, **proj)
+      self.v_proj = nnx.Linear(d, g * h, **proj)
+    self.o_proj = nnx.Linear(n * h, d, use_bias=cfg.attention_bias, kernel_init=logical(init, 'heads', 'embed'),
+                             bias_init=logical(nnx.initializers.zeros_init(), 'embed'), **kw)
+
+  def project_qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x: [B, T, D] -> q [B, T, N, H], k [B, T, G, H], v [B, T, G, H] (before RoPE)."""
+    b, t, _ = x_btd.shape
+    n, g, h = self.num_heads, self.num_kv_heads, self.head_dim
+    if self.cfg.fused_projections:
+      qkv = self.qkv_proj(x_btd)
+      q, k, v = qkv[..., :n * h], qkv[..., n * h:(n + g) * h], qkv[..., (n + g) * h:]
+    else:
+      q, k, v = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+    return q.reshape(b, t, n, h), k.reshape(b, t, g, h), v.reshape(b, t, g, h)
+
+  def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None = None,
+               cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Attention output and this call's K/V.
+
+    x: [B, T, D]; cos, sin: [B, T, R] (rope.rope_cos_sin); mask: bool[B, T, S] (attention_mask).
+    Without a cache S = T and the keys are this call's tokens. With kv = (k, v) of shape [B, S, G, H] (this
+    layer's cache) the new K/V are written at slots [cache_index, cache_index + T) of a copy and attention runs
+    over all S slots. Returns (y [B, T, D], (k_new, v_new) [B, T, G, H] after RoPE, for the caller's cache).
+    """
+    b, t, _ = x_btd.shape
+    q, k, v = self.project_qkv(x_btd)
+    q = rope.apply_rope(q, cos, sin)
+    k = rope.apply_rope(k, cos, sin)
+    if kv is None:
+      keys, values = k, v
+    else:
+      k_cache, v_cache = kv
+      start = (0, cache_index, 0, 0)
+      keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+    out = dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask_bts, self.head_dim ** -0.5)
+    y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    return y, (k, v)

@@ -77,7 +77,8 @@ class MoEConfig:
   z_loss_coef: float = 0.0
   # 'all_image': every image token is routed as vision, padding is excluded from routing and loss (our default).
   # 'official': the official code's CogVLM rule: a token is vision when it and the next token are both image
-  # tokens, so each image's last token and all padding are routed (and counted in the loss) as text.
+  # tokens, so each image's last token and all padding are routed as text (padding takes expert capacity but,
+  # as the official loss applies the attention mask, stays out of the aux loss and the statistics).
   modality_rule: str = 'all_image'
   # Router init std; None = the LLM's initializer_range (official MoIIE code).
   router_init_std: float | None = None

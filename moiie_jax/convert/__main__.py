@@ -1,0 +1,68 @@
+"""Convert Hugging Face PyTorch weights into a moiie_jax checkpoint folder.
+
+    python -m moiie_jax.convert --llm HF_LLM_DIR --vision HF_VISION_DIR --out DIR [--template phi3]
+    python -m moiie_jax.convert --llava HF_LLAVA_DIR --out DIR
+
+Writes DIR/config.json, DIR/params (Orbax), DIR/meta.json and the tokenizer files, atomically: on any error
+it prints one line naming what was wrong, exits non-zero and leaves no partial folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python -m moiie_jax.convert', description=__doc__.split('\n')[0])
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument('--llm', help='HF LLM folder (LlamaForCausalLM or Phi3ForCausalLM); needs --vision')
+  src.add_argument('--llava', help='HF LLaVA folder (LlavaForConditionalGeneration)')
+  p.add_argument('--vision', help='HF vision folder (SiglipVisionModel/SiglipModel/CLIPVisionModel/CLIPModel)')
+  p.add_argument('--out', required=True, help='output checkpoint folder')
+  p.add_argument('--template', default=None,
+                 help='chat template name stored in meta.json (phi3, llama3, plain); default from the LLM type')
+  p.add_argument('--vision-feature-layer', type=int, default=-2,
+                 help='tower hidden state fed to the connector (LLaVA: -2, the second to last)')
+  p.add_argument('--image-token-id', type=int, default=None,
+                 help='placeholder id for image tokens (default: vocab_size, an id the tokenizer never emits)')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='stored parameter dtype')
+  p.add_argument('--seed', type=int, default=0, help='seed of the fresh connector (--llm/--vision only)')
+  p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out folder')
+  args = p.parse_args(argv)
+  if args.llm and not args.vision:
+    p.error('--llm needs --vision')
+  if args.llava and args.vision:
+    p.error('--vision goes with --llm, not with --llava')
+  return args
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  from moiie_jax import compile_cache
+  from moiie_jax.convert import folder, sources
+  from moiie_jax.convert.errors import ConvertError
+  from moiie_jax.models.config import ConfigError
+  compile_cache.enable()
+  try:
+    if args.llava:
+      cfg, state = sources.from_llava(args.llava)
+      tokenizer_dir, source = args.llava, {'llava': args.llava}
+    else:
+      cfg, state = sources.from_llm_and_vision(args.llm, args.vision, image_token_id=args.image_token_id,
+                                               vision_feature_layer=args.vision_feature_layer, seed=args.seed)
+      tokenizer_dir, source = args.llm, {'llm': args.llm, 'vision': args.vision}
+    if args.dtype != 'float32':
+      cfg, state = sources.with_param_dtype(cfg, args.dtype), sources.cast_state(state, args.dtype)
+    template = args.template or {'phi3': 'phi3', 'llama': 'llama3'}[cfg.llm.architecture]
+    out = folder.save_folder(args.out, cfg, state, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite,
+                             meta={'template': template, 'source': source})
+  except (ConvertError, ConfigError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(out)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

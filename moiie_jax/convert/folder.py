@@ -1,0 +1,92 @@
+"""The converted-checkpoint folder: what `python -m moiie_jax.convert` writes and every other tool reads.
+
+    DIR/config.json     our LVLMConfig (moiie_jax.models.config.save_json)
+    DIR/params/         an Orbax checkpoint of the model's nnx.Param state
+    DIR/meta.json       {"template": chat template name, "source": where the weights came from, ...}
+    DIR/tokenizer.json  (and the other tokenizer files found beside the source LLM)
+
+A folder is written under a temporary name beside DIR and renamed into place only when complete, so a crash
+or a bad input never leaves a partial checkpoint at DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from flax import nnx
+
+from moiie_jax.convert.errors import ConvertError
+from moiie_jax.models import config as config_lib
+from moiie_jax.models.lvlm import LVLM
+
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
+                   'added_tokens.json', 'chat_template.jinja', 'generation_config.json')
+
+
+def save_folder(out_dir: str, cfg: config_lib.LVLMConfig, params: nnx.State, *, tokenizer_dir: str | None = None,
+                meta: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+  """Writes a complete converted-checkpoint folder at `out_dir` atomically; returns its absolute path."""
+  from moiie_jax.train.checkpoint import save_params  # Orbax lives in the training package
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ConvertError(f'{out_dir}: already exists and is not empty (pass --overwrite to replace it)')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-', dir=parent)
+  try:
+    config_lib.save_json(cfg, os.path.join(tmp, 'config.json'))
+    save_params(os.path.join(tmp, 'params'), params)
+    copied = []
+    if tokenizer_dir:
+      for name in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(src):
+          shutil.copy(src, os.path.join(tmp, name))
+          copied.append(name)
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+      json.dump({**(meta or {}), 'tokenizer_files': copied}, f, indent=2, sort_keys=True)
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def read_meta(folder: str) -> dict[str, Any]:
+  path = os.path.join(folder, 'meta.json')
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_config(folder: str) -> config_lib.LVLMConfig:
+  if not os.path.isdir(folder):
+    raise ConvertError(f'{folder}: no such checkpoint folder')
+  path = os.path.join(folder, 'config.json')
+  if not os.path.isfile(path):
+    raise ConvertError(f'{folder}: no config.json, so this is not a moiie_jax checkpoint folder (convert a '
+                       f'Hugging Face checkpoint with `python -m moiie_jax.convert` first)')
+  cfg = config_lib.load_json(path)
+  if not isinstance(cfg, config_lib.LVLMConfig):
+    raise ConvertError(f'{path}: holds a {type(cfg).__name__}, expected an LVLMConfig')
+  return cfg
+
+
+def abstract_model(cfg: config_lib.LVLMConfig) -> LVLM:
+  return nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def load_folder(folder: str) -> tuple[config_lib.LVLMConfig, LVLM, dict[str, Any]]:
+  """(config, model with restored weights, meta) from a converted-checkpoint folder."""
+  from moiie_jax.train.checkpoint import restore_params
+  cfg = load_config(folder)
+  model = abstract_model(cfg)
+  nnx.update(model, restore_params(os.path.join(folder, 'params'), nnx.state(model, nnx.Param)))
+  return cfg, model, read_meta(folder)

@@ -1,0 +1,118 @@
+"""Whole-model conversion from the two Hugging Face sources users have.
+
+(a) A separate LLM folder (LlamaForCausalLM, Phi3ForCausalLM) plus a separate vision folder (SiglipVisionModel,
+    SiglipModel, CLIPVisionModel, CLIPModel) with a freshly initialised connector: how the paper builds its model.
+(b) A LLaVA folder (LlavaForConditionalGeneration as llava-hf publishes it, with the legacy `language_model.model.*`
+    keys that `save_pretrained` writes, or the in-memory `model.language_model.*` layout).
+
+Both return (LVLMConfig, nnx.State of parameters), checked path by path against `nnx.eval_shape` of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from moiie_jax.convert import hf
+from moiie_jax.convert.errors import ConvertError
+from moiie_jax.convert.llm_keys import llm_params_from_hf
+from moiie_jax.convert.vision_keys import connector_params_from_hf, vision_params_from_hf
+from moiie_jax.models import config as config_lib
+from moiie_jax.models.connector import MultiModalProjector
+from moiie_jax.models.lvlm import LVLM
+
+LLM_ARCHITECTURES = ('LlamaForCausalLM', 'Phi3ForCausalLM')
+VISION_ARCHITECTURES = ('SiglipVisionModel', 'SiglipModel', 'CLIPVisionModel', 'CLIPModel')
+LLAVA_ARCHITECTURES = ('LlavaForConditionalGeneration',)
+
+
+def _check_architecture(folder: str, hf_cfg: dict[str, Any], allowed: tuple[str, ...]) -> str:
+  archs = hf_cfg.get('architectures') or []
+  found = [a for a in archs if a in allowed]
+  if not found:
+    raise ConvertError(f'{folder}: architecture {archs or hf_cfg.get("model_type")} is not supported here; '
+                       f'expected one of {list(allowed)}')
+  return found[0]
+
+
+def _prefixed(prefix: tuple, flat: dict) -> dict:
+  return {prefix + tuple(path): value for path, value in flat.items()}
+
+
+def _fresh_connector(cfg: config_lib.LVLMConfig, seed: int) -> dict:
+  """A freshly initialised connector, as the paper's stage 1 starts from (HF-default nnx.Linear init)."""
+  projector = MultiModalProjector(cfg.vision.hidden_size, cfg.llm.hidden_size, act=cfg.projector_hidden_act,
+                                  bias=cfg.multimodal_projector_bias, rngs=nnx.Rngs(seed))
+  return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(projector, nnx.Param))}
+
+
+def from_llm_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int | None = None,
+                        vision_feature_layer: int = -2, seed: int = 0) -> tuple[config_lib.LVLMConfig, nnx.State]:
+  """Source (a): an LLM folder + a vision folder; the connector is freshly initialised from `seed`."""
+  llm_hf = hf.read_config(llm_dir)
+  _check_architecture(llm_dir, llm_hf, LLM_ARCHITECTURES)
+  vision_hf = hf.read_config(vision_dir)
+  _check_architecture(vision_dir, vision_hf, VISION_ARCHITECTURES)
+  llm_cfg = config_lib.llm_from_hf(llm_hf)
+  cfg = config_lib.LVLMConfig(
+      llm=llm_cfg, vision=config_lib.vision_from_hf(vision_hf),
+      image_token_id=llm_cfg.vocab_size if image_token_id is None else image_token_id,
+      vision_feature_layer=vision_feature_layer)
+  cfg.validate()
+  llm_tensors = hf.read_tensors(llm_dir)
+  vision_tensors = hf.read_tensors(vision_dir)
+  flat = {}
+  flat.update(_prefixed(('language_model',), llm_params_from_hf(llm_tensors, cfg.llm)))
+  flat.update(_prefixed(('vision_tower',), vision_params_from_hf(vision_tensors, cfg.vision)))
+  flat.update(_prefixed(('multi_modal_projector',), _fresh_connector(cfg, seed)))
+  state = hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, f'{llm_dir} + {vision_dir}')
+  return cfg, state
+
+
+def from_llava(llava_dir: str) -> tuple[config_lib.LVLMConfig, nnx.State]:
+  """Source (b): a LlavaForConditionalGeneration folder (legacy or current key layout)."""
+  hf_cfg = hf.read_config(llava_dir)
+  _check_architecture(llava_dir, hf_cfg, LLAVA_ARCHITECTURES)
+  try:
+    cfg = config_lib.lvlm_from_hf_llava(hf_cfg)
+  except KeyError as e:
+    raise ConvertError(f'{llava_dir}/config.json: missing field {e}') from e
+  tensors = hf.read_tensors(llava_dir)
+  if any(k.startswith('language_model.model.') for k in tensors):  # save_pretrained / llava-hf layout
+    llm_prefix, lm_head, vision_prefix, projector_prefix = ('language_model.model.', 'language_model.lm_head.weight',
+                                                            'vision_tower.', 'multi_modal_projector.')
+  else:  # in-memory state_dict layout of transformers 5
+    llm_prefix, lm_head, vision_prefix, projector_prefix = ('model.language_model.', 'lm_head.weight',
+                                                            'model.vision_tower.', 'model.multi_modal_projector.')
+  groups = {'llm': {}, 'vision': {}, 'projector': {}, 'other': {}}
+  for key, value in tensors.items():
+    if key.startswith(llm_prefix) or key == lm_head:
+      groups['llm'][key] = value
+    elif key.startswith(vision_prefix):
+      groups['vision'][key[len(vision_prefix):]] = value
+    elif key.startswith(projector_prefix):
+      groups['projector'][key[len(projector_prefix):]] = value
+    else:
+      groups['other'][key] = value
+  hf.reject_leftovers(groups['other'], llava_dir)
+  flat = {}
+  flat.update(_prefixed(('language_model',), llm_params_from_hf(groups['llm'], cfg.llm, decoder_prefix=llm_prefix,
+                                                                lm_head_key=lm_head)))
+  flat.update(_prefixed(('vision_tower',), vision_params_from_hf(groups['vision'], cfg.vision)))
+  flat.update(_prefixed(('multi_modal_projector',), connector_params_from_hf(groups['projector'], prefix='')))
+  state = hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, llava_dir)
+  return cfg, state
+
+
+def cast_state(state: nnx.State, dtype: str) -> nnx.State:
+  """All floating parameters cast to `dtype` (the converter stores fp32 unless asked otherwise)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, state)
+
+
+def with_param_dtype(cfg: config_lib.LVLMConfig, dtype: str) -> config_lib.LVLMConfig:
+  return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, param_dtype=dtype),
+                             vision=dataclasses.replace(cfg.vision, param_dtype=dtype))

@@ -1,0 +1,173 @@
+"""Ask a converted checkpoint about an image.
+
+    python -m moiie_jax.generate --checkpoint DIR --image cat.jpg --prompt "What is in the image?"
+    python -m moiie_jax.generate --checkpoint DIR --template none --image cat.jpg --prompt "<image>\\nUSER: ..."
+    python -m moiie_jax.generate --checkpoint DIR --batch questions.jsonl --out answers.jsonl
+    python -m moiie_jax.generate --checkpoint DIR --image cat.jpg --chat
+
+Greedy unless --temperature > 0. The single-prompt mode prints only the answer on stdout. The checkpoint's chat
+template (meta.json) wraps the prompt, the image going first (LLaVA's `<image>\\n{question}`); `--template none`
+tokenises the prompt exactly as given, `<image>` marking where the image goes.
+
+Batch mode reads JSONL lines {"image": path (optional, relative to --images), "prompt": text, "id": any (optional)}
+and writes one line per input, {"id", "prompt", "image", "answer"} or, for an item whose image is missing or
+unreadable or whose prompt is empty or too long, {"id", ..., "error"}; the other items go on.
+
+Chat mode reads turns from stdin (one line each; `/image PATH` switches image and starts over, `/reset` starts
+over, `/quit` or end of input stops) and prints each answer on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python -m moiie_jax.generate', description=__doc__.split('\n')[0])
+  p.add_argument('--checkpoint', required=True, help='converted checkpoint folder (python -m moiie_jax.convert)')
+  mode = p.add_mutually_exclusive_group(required=True)
+  mode.add_argument('--prompt', help='the question (single-prompt mode)')
+  mode.add_argument('--batch', help='JSONL file of {"image", "prompt"} lines (batch mode; needs --out)')
+  mode.add_argument('--chat', action='store_true', help='multi-turn chat reading stdin')
+  p.add_argument('--image', default=None, help='image file (single-prompt and chat modes)')
+  p.add_argument('--images', default='', help='folder the --batch file\'s image paths are relative to')
+  p.add_argument('--out', default=None, help='answers JSONL (batch mode)')
+  p.add_argument('--template', default=None,
+                 help='chat template (phi3, llama3, plain, demo) or none (raw prompt); default: the checkpoint\'s')
+  p.add_argument('--max-new-tokens', type=int, default=256)
+  p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy (default)')
+  p.add_argument('--top-p', type=float, default=1.0)
+  p.add_argument('--top-k', type=int, default=0)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--stop', action='append', default=[], help='stop string (repeatable)')
+  p.add_argument('--batch-size', type=int, default=8, help='prompts per device batch (batch mode)')
+  args = p.parse_args(argv)
+  if args.batch and not args.out:
+    p.error('--batch needs --out')
+  if args.out and not args.batch:
+    p.error('--out goes with --batch')
+  if args.max_new_tokens < 1:
+    p.error(f'--max-new-tokens={args.max_new_tokens}: expected >= 1')
+  if args.batch_size < 1:
+    p.error(f'--batch-size={args.batch_size}: expected >= 1')
+  return args
+
+
+def read_batch(path: str, images_dir: str) -> list[dict]:
+  """The batch file's items: {'id', 'prompt', 'image'} (a line that is not a JSON object becomes an item with an
+  'error', so one bad line does not stop the batch)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'batch file {path!r} does not exist')
+  items = []
+  with open(path, encoding='utf-8') as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      item = {'id': lineno}
+      try:
+        row = json.loads(line)
+        if not isinstance(row, dict):
+          raise ValueError(f'expected a JSON object, got {type(row).__name__}')
+      except ValueError as e:
+        items.append({**item, 'error': f'{path}, line {lineno}: {e}'})
+        continue
+      item['id'] = row.get('id', row.get('question_id', lineno))
+      prompt = row.get('prompt', row.get('question', row.get('text')))
+      image = row.get('image')
+      item['prompt'] = prompt
+      item['image'] = image
+      if not isinstance(prompt, str):
+        item['error'] = f'{path}, line {lineno}: field "prompt": expected a string, got {prompt!r:.60}'
+      elif image is not None and not isinstance(image, str):
+        item['error'] = f'{path}, line {lineno}: field "image": expected a path, got {image!r:.60}'
+      items.append(item)
+  return items
+
+
+def run_batch(generator, args, sampling) -> int:
+  from moiie_jax.infer.generate import Prompt  # pylint: disable=g-import-not-at-top
+  items = read_batch(args.batch, args.images)
+  todo = [it for it in items if 'error' not in it]
+  prompts = [Prompt(it['prompt'], os.path.join(args.images, it['image']) if it['image'] else None) for it in todo]
+  names = [f'{args.batch}: item {it["id"]!r}' for it in todo]
+  results = generator.generate_results(prompts, args.max_new_tokens, sampling, names=names) if todo else []
+  for it, r in zip(todo, results):
+    if r.error is None:
+      it['answer'] = r.text
+    else:
+      it['error'] = r.error
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, 'w', encoding='utf-8') as f:
+    for it in items:
+      f.write(json.dumps(it, ensure_ascii=False) + '\n')
+  n_err = sum('error' in it for it in items)
+  for it in items:
+    if 'error' in it:
+      print(f'error: {it["error"]}', file=sys.stderr)
+  print(f'{len(items) - n_err} answered, {n_err} errors; wrote {args.out}', file=sys.stderr)
+  return 0
+
+
+def run_chat(generator, args, sampling, stdin=None) -> int:
+  from moiie_jax.infer.generate import Prompt, PromptError  # pylint: disable=g-import-not-at-top
+  if generator.template is None:
+    print('error: --chat needs a chat template (not --template none)', file=sys.stderr)
+    return 2
+  stdin = stdin or sys.stdin
+  image, history = args.image, []
+  interactive = stdin.isatty()
+  while True:
+    if interactive:
+      print('> ', end='', file=sys.stderr, flush=True)
+    line = stdin.readline()
+    if not line:
+      break
+    line = line.strip()
+    if not line:
+      continue
+    if line in ('/quit', '/exit'):
+      break
+    if line == '/reset':
+      history = []
+      continue
+    if line.startswith('/image'):
+      image, history = line[len('/image'):].strip() or None, []
+      continue
+    try:
+      answer = generator.generate([Prompt(line, image, tuple(history))], args.max_new_tokens, sampling)[0]
+    except PromptError as e:
+      print(f'error: {e}', file=sys.stderr)
+      continue
+    print(answer, flush=True)
+    history.append((line, answer))
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else list(argv))
+  from moiie_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  from moiie_jax.infer.generate import Generator, Prompt, SamplingConfig  # pylint: disable=g-import-not-at-top
+  compile_cache.enable()
+  sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            stop=tuple(args.stop))
+  try:
+    sampling.validate()
+    generator = Generator.from_folder(args.checkpoint, template='auto' if args.template is None else args.template,
+                                      batch_size=args.batch_size if args.batch else 1)
+    if args.batch:
+      return run_batch(generator, args, sampling)
+    if args.chat:
+      return run_chat(generator, args, sampling)
+    answer = generator.generate([Prompt(args.prompt, args.image)], args.max_new_tokens, sampling)[0]
+  except (ValueError, OSError) as e:  # our errors name the file or item; no traceback for them
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(answer)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

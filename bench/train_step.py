@@ -1,0 +1,126 @@
+"""Training-step throughput: tokens/s and model FLOP/s of one jitted update (forward, backward, AdamW), with MFU
+where the device's peak is known (GPU/TPU; on a CPU it is left null).
+
+    python bench/train_step.py [--configs tiny,100m] [--steps 10] [--out bench/results/train_step.json]
+
+Configs (MoIIE, 4 experts 1+1+2, top-2, interleaved, stage-2 optimizer: everything trains):
+  tiny   tiny-llama (D 64, 4 layers) + tiny-siglip (32 px, 16 image tokens), batch 32 x 64 tokens
+  100m   llama-100m (D 768, 8 layers, ~100M dense) + tiny-siglip, batch 4 x 256 tokens
+  1b     for accelerators: a ~1B-activated LLaMA-shaped MoIIE + SigLIP-so400m, batch 8 x 2048, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moiie_jax import compile_cache  # noqa: E402
+from moiie_jax.models import presets  # noqa: E402
+from moiie_jax.models.config import LLMConfig  # noqa: E402
+from moiie_jax.models.lvlm import LVLM  # noqa: E402
+from moiie_jax.train import flops as flops_lib  # noqa: E402
+from moiie_jax.train import optimizer as optimizer_lib  # noqa: E402
+from moiie_jax.train import step as step_lib  # noqa: E402
+
+LLM_1B = LLMConfig(architecture='llama', vocab_size=32064, hidden_size=2048, intermediate_size=5632,
+                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, rms_norm_eps=1e-5,
+                   max_position_embeddings=4096)
+
+CONFIGS = {
+    'tiny': dict(llm='tiny-llama', vision='tiny-siglip', batch=32, seq=64, dtype='float32'),
+    '100m': dict(llm='llama-100m', vision='tiny-siglip', batch=4, seq=256, dtype='float32'),
+    '1b': dict(llm=LLM_1B, vision='siglip-so400m-384', batch=8, seq=2048, dtype='bfloat16'),
+}
+
+
+def build(name: str):
+  spec = CONFIGS[name]
+  moe = presets.moe_config('moiie')
+  if isinstance(spec['llm'], LLMConfig):
+    presets.LLM_PRESETS['bench-1b'] = spec['llm']
+    llm = 'bench-1b'
+  else:
+    llm = spec['llm']
+  cfg = presets.lvlm_config(llm, spec['vision'], moe, dtype=spec['dtype'], remat=name == '1b')
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype=spec['dtype']))
+  return cfg, spec
+
+
+def measure(name: str, steps: int) -> dict:
+  cfg, spec = build(name)
+  model = LVLM(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  opt_cfg = optimizer_lib.get_config('stage2')
+  opt_cfg.total_steps = 1000
+  tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
+  opt_state = tx.init(params)
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1))
+  b, t, n_img = spec['batch'], spec['seq'], cfg.num_image_tokens
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, cfg.llm.vocab_size, (b, t)).astype(np.int32)
+  ids[:, 1:1 + n_img] = cfg.image_token_id
+  size = cfg.vision.image_size
+  batch = {'input_ids': jnp.asarray(ids), 'labels': jnp.asarray(ids), 'attention_mask': jnp.ones((b, t), jnp.int32),
+           'pixel_values': jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32)}
+  t0 = time.perf_counter()
+  compiled = step.lower(params, opt_state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis() or {}
+  params, opt_state, metrics = step(params, opt_state, batch)
+  jax.block_until_ready(metrics['loss'])
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    params, opt_state, metrics = step(params, opt_state, batch)
+    jax.block_until_ready(metrics['loss'])
+    times.append(time.perf_counter() - t0)
+  sec = float(np.median(times))
+  model_flops = flops_lib.train_flops_per_step(cfg, b, t)
+  device = jax.devices()[0]
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  return {
+      'config': name, 'device': device.device_kind, 'params': n_params,
+      'activated_llm_matmul_params_per_token': flops_lib.llm_matmul_params_per_token(cfg),
+      'batch': b, 'seq_len': t, 'step_seconds_median': sec, 'step_seconds_min': float(np.min(times)),
+      'tokens_per_s': b * t / sec, 'compile_seconds': compile_s,
+      'model_flops_per_step': model_flops, 'compiled_flops_per_step': float(cost.get('flops', float('nan'))),
+      'model_flops_per_s': model_flops / sec,
+      'mfu': flops_lib.mfu(model_flops, sec, 1, device.device_kind),
+  }
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument('--configs', default='tiny,100m')
+  p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                                               'train_step.json'))
+  args = p.parse_args()
+  compile_cache.enable()
+  rows = [measure(name, args.steps) for name in args.configs.split(',')]
+  print(f'{"config":<6} {"device":<14} {"params":>12} {"batch x seq":>12} {"step s":>8} {"tokens/s":>10} '
+        f'{"model TFLOP/s":>14} {"MFU":>6}')
+  for r in rows:
+    mfu = '-' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'
+    print(f'{r["config"]:<6} {r["device"]:<14} {r["params"]:>12,} {r["batch"]:>5} x {r["seq_len"]:<5} '
+          f'{r["step_seconds_median"]:>8.3f} {r["tokens_per_s"]:>10.0f} {r["model_flops_per_s"] / 1e12:>14.4f} '
+          f'{mfu:>6}')
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump({'date': time.strftime('%Y-%m-%d'), 'rows': rows}, f, indent=2)
+  print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,74 @@
+"""Model FLOPs of a training step and model-FLOPs utilisation (MFU), the PaLM-appendix way.
+
+Per token, a matmul with W parameters costs 2W FLOPs forward and 4W backward (6W in all); attention adds
+2 * 2 * T * N * H forward per layer (scores and the weighted sum), 3x that with the backward. Only the activated
+experts count (top_k of them in an MoE layer), and the vision tower counts once per image. Embedding lookups are
+free; the LM head is a matmul and counts. MFU = model FLOPs per second / (devices * peak FLOP/s of one device).
+"""
+
+from __future__ import annotations
+
+from moiie_jax.models.config import LVLMConfig
+
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
+PEAK_FLOPS = {
+    'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
+}
+
+
+def llm_matmul_params_per_token(cfg: LVLMConfig) -> int:
+  """Activated matmul parameters of the decoder per token (attention, activated FFNs, routers, LM head)."""
+  llm = cfg.llm
+  d, f, h = llm.hidden_size, llm.intermediate_size, llm.resolved_head_dim
+  attn = d * h * (llm.num_attention_heads * 2 + llm.num_key_value_heads * 2)
+  ffn = 3 * d * f
+  moe_layers = set(llm.moe_layers)
+  total = 0
+  for i in range(llm.num_hidden_layers):
+    if i in moe_layers:
+      total += attn + llm.moe.top_k * ffn + d * llm.moe.n_experts  # routers: at most every expert scored
+    else:
+      total += attn + ffn
+  return total + d * llm.vocab_size
+
+
+def vision_matmul_params_per_token(cfg: LVLMConfig) -> int:
+  v = cfg.vision
+  per_layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
+  patch = v.num_channels * v.patch_size ** 2 * v.hidden_size
+  connector = v.hidden_size * cfg.llm.hidden_size + cfg.llm.hidden_size ** 2
+  return v.num_hidden_layers * per_layer + patch + connector
+
+
+def train_flops_per_step(cfg: LVLMConfig, batch: int, seq_len: int, images: int | None = None,
+                         vision_backward: bool = True) -> float:
+  """Model FLOPs (forward + backward) of one step over `batch` sequences of `seq_len` tokens with `images`
+  images (default: one per sequence). Set vision_backward=False when the tower is frozen (stage 1)."""
+  images = batch if images is None else images
+  llm = cfg.llm
+  tokens = batch * seq_len
+  attn = llm.num_hidden_layers * 2 * 2 * seq_len * llm.num_attention_heads * llm.resolved_head_dim  # per token, fwd
+  llm_flops = tokens * (6 * llm_matmul_params_per_token(cfg) + 3 * attn)
+  n_patch = cfg.vision.num_patches + (1 if cfg.vision.has_class_token else 0)
+  v = cfg.vision
+  v_attn = v.num_hidden_layers * 2 * 2 * n_patch * v.hidden_size
+  v_tokens = images * n_patch
+  v_mult = 6 if vision_backward else 2
+  vision_flops = v_tokens * (v_mult * vision_matmul_params_per_token(cfg) + v_mult / 2 * v_attn)
+  return float(llm_flops + vision_flops)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Peak bf16 FLOP/s of a `jax.devices()[0].device_kind`, or None when unknown (a CPU, say)."""
+  for name, value in PEAK_FLOPS.items():
+    if device_kind.startswith(name):
+      return value
+  return None
+
+
+def mfu(flops_per_step: float, step_seconds: float, n_devices: int, device_kind: str) -> float | None:
+  peak = peak_flops(device_kind)
+  if peak is None:
+    return None
+  return flops_per_step / step_seconds / (n_devices * peak)

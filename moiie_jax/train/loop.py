@@ -1,0 +1,234 @@
+"""The training loop, top-down: model, data, optimizer, restore-or-start, steps, checkpoints, export.
+
+One call trains one stage. Stage 2 starts from stage 1's exported folder (`init.checkpoint = STAGE1/final`) and,
+when the recipe asks for an MoE layer kind while that checkpoint is dense, upcycles the FFNs into experts first.
+Preemption (SIGTERM) saves a checkpoint and returns; a non-finite loss stops the run before anything is saved, so
+the last good checkpoint stays the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from moiie_jax import compile_cache
+from moiie_jax.convert import folder as folder_lib
+from moiie_jax.convert import hf as hf_lib
+from moiie_jax.convert import upcycle as upcycle_lib
+from moiie_jax.data import pipeline
+from moiie_jax.models.config import LVLMConfig
+from moiie_jax.models.lvlm import LVLM
+from moiie_jax.train import checkpoint as ckpt_lib
+from moiie_jax.train import optimizer as optimizer_lib
+from moiie_jax.train import recipe
+from moiie_jax.train import step as step_lib
+from moiie_jax.train.metrics import MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/inf; the run stopped and the last good checkpoint is intact."""
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+def build_model(config: ml_collections.ConfigDict) -> tuple[LVLMConfig, LVLM, dict[str, Any]]:
+  """The model a recipe trains, with its initial weights: a checkpoint (upcycled if needed) or a fresh init."""
+  if not config.init.checkpoint:
+    cfg = recipe.model_config(config)
+    return cfg, LVLM(cfg, rngs=nnx.Rngs(config.seed)), {}
+  source_cfg, source_model, meta = folder_lib.load_folder(config.init.checkpoint)
+  cfg = recipe.model_config(config, base=source_cfg)
+  flat = {path: np.asarray(value) for path, value in hf_lib.flat_abstract(source_model).items()}
+  if cfg.llm != source_cfg.llm:
+    if source_cfg.llm.moe.is_moe and source_cfg.llm.moe != cfg.llm.moe:
+      raise ValueError(f'{config.init.checkpoint}: holds a {source_cfg.llm.moe.variant} MoE model; the recipe asks '
+                       f'for {cfg.llm.moe}. Only a dense checkpoint can be upcycled.')
+    if not source_cfg.llm.moe.is_moe and cfg.llm.moe.is_moe:
+      flat = upcycle_lvlm(flat, cfg, jax.random.key(config.seed), source_scan_layers=source_cfg.llm.scan_layers)
+    elif source_cfg.llm.scan_layers != cfg.llm.scan_layers:
+      raise ValueError(f'{config.init.checkpoint}: saved with scan_layers={source_cfg.llm.scan_layers}; set '
+                       f'config.model.scan_layers to match (only upcycling changes the layer layout on load)')
+  abstract = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0)))
+  nnx.update(abstract, hf_lib.build_state(abstract, flat, config.init.checkpoint))
+  return cfg, abstract, meta
+
+
+def upcycle_lvlm(flat: dict, cfg: LVLMConfig, rng: jax.Array, source_scan_layers: bool) -> dict:
+  """A dense LVLM's flat parameters with the LLM's FFNs upcycled into the experts of `cfg` (sparse upcycling)."""
+  root = ('language_model',)
+  llm = {p[1:]: v for p, v in flat.items() if p[:1] == root}
+  out = {p: v for p, v in flat.items() if p[:1] != root}
+  upcycled = upcycle_lib.upcycle(llm, cfg.llm, rng, source_scan_layers=source_scan_layers)
+  out.update({root + p: v for p, v in upcycled.items()})
+  return out
+
+
+def data_config(config: ml_collections.ConfigDict, cfg: LVLMConfig, tokenizer_path: str,
+                workdir: str) -> pipeline.DataConfig:
+  """The pipeline's DataConfig: the recipe's data fields, with the image recipe and image tokens from the model."""
+  d = config.data.to_dict()
+  pad_to_square = d.pop('pad_to_square')
+  if d.pop('synthetic_demo'):
+    from moiie_jax.data import synthetic
+    ds = synthetic.make_demo_dataset(os.path.join(workdir, 'data'), seed=int(config.seed), n_train=64, n_eval=16,
+                                     image_size=cfg.vision.image_size)
+    d.update(json_path=ds.captions_json if cfg.llm.moe.variant == 'dense' else ds.train_json,
+             image_folder=ds.image_folder, tokenizer_path=ds.tokenizer_dir)
+  for key in ('json_path', 'tfds_dir', 'image_folder'):
+    d[key] = d.get(key) or None
+  d['tokenizer_path'] = d.get('tokenizer_path') or tokenizer_path
+  d['seed'] = int(config.seed)
+  d['num_epochs'] = None  # the loop stops by step count
+  d['length_buckets'] = tuple(d.get('length_buckets') or ())
+  return pipeline.DataConfig.for_model(cfg, pad_to_square=pad_to_square, **d)
+
+
+def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
+  """optimizer.grad_accum_steps, or global_batch_size / (data.batch_size * processes) when that is set."""
+  if not config.get('global_batch_size'):
+    return int(config.optimizer.grad_accum_steps)
+  per_step = config.data.batch_size * jax.process_count()
+  if config.global_batch_size % per_step:
+    raise ValueError(f'config.global_batch_size={config.global_batch_size} is not a multiple of data.batch_size '
+                     f'({config.data.batch_size}) x processes ({jax.process_count()})')
+  return config.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+  """Trains one stage in `workdir`; returns a summary (steps, last metrics, export path)."""
+  compile_cache.enable()
+  os.makedirs(workdir, exist_ok=True)
+  cfg, model, meta = build_model(config)
+  tokenizer_path = config.data.tokenizer_path or config.init.checkpoint
+  data_cfg = data_config(config, cfg, tokenizer_path, workdir)
+  tokenizer_path = data_cfg.tokenizer_path
+  data = pipeline.make_iterator(data_cfg, process_index=jax.process_index(), process_count=jax.process_count())
+
+  opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
+  opt_cfg.grad_accum_steps = grad_accum_steps(config)
+  total_steps = int(config.total_steps)  # optimizer updates
+  if total_steps <= 0:
+    global_batch = data_cfg.batch_size * jax.process_count() * opt_cfg.grad_accum_steps
+    total_steps = max(1, math.ceil(data.num_records * config.num_epochs / global_batch))
+  opt_cfg.total_steps = total_steps
+  micro_steps = total_steps * int(opt_cfg.grad_accum_steps)
+
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
+  opt_state = tx.init(params)
+  rng = jax.random.key(config.seed)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
+  start = 0
+  if ckpt.latest_step() is not None:
+    restored = ckpt.restore(None, {'params': params, 'opt_state': opt_state, 'rng': rng})
+    params, opt_state, rng = restored['params'], restored['opt_state'], restored['rng']
+    data.set_state(restored['data'])
+    start = int(restored['step'])
+    log.info('resumed from step %d', start)
+  train_step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1))
+  preempted = ckpt_lib.install_preemption_handler()
+  writer = MetricWriter(os.path.join(workdir, 'tensorboard'), enabled=jax.process_index() == 0)
+
+  saved = [start]
+
+  def save(step: int, force: bool = False) -> None:
+    if saved[0] == step:
+      return
+    saved[0] = step
+    ckpt.save(step, {'params': params, 'opt_state': opt_state, 'rng': rng, 'data': data.get_state(), 'step': step,
+                     'meta': {'total_steps': total_steps}}, force=force)
+
+  bar = _progress(micro_steps, start, enabled=progress and jax.process_index() == 0)
+  last: dict[str, float] = {}
+  step = start
+  t0, tokens = time.perf_counter(), 0
+  while step < micro_steps:
+    batch = next(data)
+    tokens += int(batch['attention_mask'].sum())
+    params, opt_state, metrics = train_step(params, opt_state, _device_batch(batch))
+    step += 1
+    if step % config.log_every == 0 or step == micro_steps:
+      last = _scalars(metrics)
+      if not math.isfinite(last['loss']):
+        ckpt.wait()
+        raise NonFiniteLossError(f'step {step}: loss is {last["loss"]}; stopping. The last good checkpoint '
+                                 f'(step {ckpt.latest_step()}) is intact in {workdir}/checkpoints')
+      elapsed = time.perf_counter() - t0
+      last['tokens_per_s'] = tokens / max(elapsed, 1e-9)
+      t0, tokens = time.perf_counter(), 0
+      update = step // int(opt_cfg.grad_accum_steps)
+      last.update({f'lr/{g}': lr for g, lr in optimizer_lib.current_lrs(opt_cfg, update).items()})
+      writer.write(step, last, metrics.get('moe_stats'), cfg)
+      if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+          f.write(json.dumps({'step': step, **last}) + '\n')
+      bar.set_postfix(loss=f'{last["loss"]:.4f}')
+    bar.update(1)
+    if preempted():
+      save(step, force=True)
+      ckpt.wait()
+      log.warning('SIGTERM received: saved step %d and stopping', step)
+      bar.close()
+      return {'steps': step, 'preempted': True, 'metrics': last}
+    if step % config.checkpoint_every == 0:
+      save(step)
+  bar.close()
+  save(step, force=True)
+  ckpt.wait()
+  writer.close()
+  summary = {'steps': step, 'preempted': False, 'metrics': last, 'data_stats': data.stats()}
+  if config.export_final and jax.process_index() == 0:
+    final = os.path.join(workdir, 'final')
+    nnx.update(model, params)
+    folder_lib.save_folder(final, cfg, nnx.state(model, nnx.Param), tokenizer_dir=_tokenizer_dir(tokenizer_path),
+                           meta={**meta, 'template': config.data.template, 'trained_steps': step},
+                           overwrite=True)
+    summary['export'] = final
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2, default=float)
+  data.close()
+  return summary
+
+
+def _tokenizer_dir(path: str) -> str:
+  return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  keys = ('input_ids', 'labels', 'attention_mask', 'pixel_values')
+  return {k: jnp.asarray(batch[k]) for k in keys}
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in metrics.items() if k != 'moe_stats' and np.ndim(v) == 0}
+
+
+class _NoBar:
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kw):
+    pass
+
+  def close(self):
+    pass
+
+
+def _progress(total: int, start: int, enabled: bool):
+  if not enabled:
+    return _NoBar()
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, unit='step', dynamic_ncols=True, leave=False)

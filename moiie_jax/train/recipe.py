@@ -1,0 +1,169 @@
+"""The training config schema shared by every recipe in configs/, and the model it describes.
+
+A recipe file is `configs/NAME.py` with `get_config(arg)` returning `base_config()` with fields changed. Fields:
+
+  seed                      model init / data order / sampling
+  model.llm, model.vision   preset names (moiie_jax/models/presets.py) when training from scratch; ignored for
+                            shapes when init.checkpoint is set (the checkpoint's config.json decides them)
+  model.variant             dense | vanilla | modality | moiie (the paper's four layer kinds)
+  model.experts, .layout    4 or 8 experts; 'balanced' (2+2+4) or 'unbalanced' (3+3+2) for 8 MoIIE experts
+  model.moe.*               MoEConfig overrides (top_k, capacity_factor, placement, first_layer, aux_loss_coef, ...)
+  model.dtype               compute dtype (bfloat16 on accelerators; parameters stay float32 masters)
+  model.scan_layers, .remat execution of the decoder layers
+  init.checkpoint           a converted-checkpoint folder (python -m moiie_jax.convert, or a previous stage's
+                            WORKDIR/final); a dense checkpoint is upcycled when model.variant is an MoE kind
+  data.*                    moiie_jax.data.pipeline.DataConfig fields (num_image_tokens and image_token_id are
+                            filled in from the model)
+  optimizer.*               moiie_jax.train.optimizer.get_config fields (stage presets, lrs, schedule, clipping)
+  num_epochs, total_steps   total_steps = 0 means num_epochs over the data
+  log_every, checkpoint_every, keep_checkpoints, export_final
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from moiie_jax.models import presets
+from moiie_jax.models.config import LVLMConfig, MoEConfig
+from moiie_jax.train import optimizer as optimizer_lib
+
+MOE_OVERRIDE_FIELDS = ('top_k', 'renormalize', 'capacity_factor', 'eval_capacity_factor', 'placement',
+                       'first_layer', 'layers', 'aux_loss_coef', 'aux_loss_scope', 'z_loss_coef', 'modality_rule',
+                       'router_init_std')
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """'configs/NAME.py:ARGS' -> get_config(ARGS), as `--config` on the command line reads it."""
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} not found')
+  module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'variant=modality,experts=8,runlocal=True' -> ConfigDict, typed by the defaults' types."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    if '=' not in item:
+      raise ValueError(f'config arg {item!r}: expected key=value (known keys: {sorted(defaults)})')
+    key, value = item.split('=', 1)
+    if key not in defaults:
+      raise ValueError(f'config arg {key!r}: unknown; known keys: {sorted(defaults)}')
+    kind = type(defaults[key])
+    if kind is bool:
+      value = value.lower() in ('1', 'true', 'yes')
+    elif defaults[key] is not None:
+      value = kind(value)
+    out[key] = value
+  return out
+
+
+def base_config(stage: str = 'stage2') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      llm='phi3-mini', vision='siglip-so400m-384', variant='moiie', experts=4, layout='balanced',
+      moe=ml_collections.ConfigDict(dict(top_k=2, capacity_factor=0.0, placement='interleaved', first_layer=1,
+                                         aux_loss_coef=0.001, aux_loss_scope='global', z_loss_coef=0.0,
+                                         modality_rule='all_image')),
+      vision_feature_layer=-2, dtype='bfloat16', scan_layers=False, remat=False,
+      vocab_size=0))  # 0 = the preset's (from-scratch models size it to their tokenizer)
+  c.init = ml_collections.ConfigDict(dict(checkpoint=''))
+  c.data = ml_collections.ConfigDict(dict(
+      json_path='', image_folder='', tfds_dir='', tokenizer_path='', template='phi3', max_length=4096,
+      truncation='drop', length_buckets=(), batch_size=8, worker_count=0, on_error='skip', shuffle=True,
+      # The image recipe (size, resize, mean/std) follows the model's tower; pad-to-square as Bunny/MoIIE do.
+      pad_to_square=True,
+      synthetic_demo=False))  # True: generate the shapes demo data in WORKDIR/data (runlocal forms)
+  c.optimizer = optimizer_lib.get_config(stage)
+  c.global_batch_size = 0  # > 0: grad_accum_steps = global / (data.batch_size * processes)
+  c.num_epochs = 1
+  c.total_steps = 0
+  c.log_every = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.export_final = True
+  return c
+
+
+def moe_from_config(model: ml_collections.ConfigDict) -> MoEConfig:
+  overrides = {k: (tuple(v) if k == 'layers' else v) for k, v in model.moe.items() if k in MOE_OVERRIDE_FIELDS}
+  unknown = sorted(set(model.moe.keys()) - set(MOE_OVERRIDE_FIELDS))
+  if unknown:
+    raise ValueError(f'config.model.moe: unknown keys {unknown}; expected some of {list(MOE_OVERRIDE_FIELDS)}')
+  return presets.moe_config(model.variant, model.experts, model.layout, **overrides)
+
+
+def model_config(config: ml_collections.ConfigDict, base: LVLMConfig | None = None) -> LVLMConfig:
+  """The LVLMConfig a recipe trains: shapes from `base` (a checkpoint's config) or the presets, MoE and
+  execution fields from the recipe."""
+  m = config.model
+  llm_exec = dict(moe=moe_from_config(m), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+  if base is None:
+    if m.get('vocab_size', 0):
+      llm_exec['vocab_size'] = int(m.vocab_size)
+    cfg = presets.lvlm_config(m.llm, m.vision, vision_feature_layer=m.vision_feature_layer, **llm_exec)
+  else:
+    cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, **llm_exec),
+                              vision=dataclasses.replace(base.vision, dtype=m.dtype))
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype=m.dtype))
+  cfg.validate()
+  return cfg
+
+
+VISION_TOWERS = {'siglip': ('siglip-so400m-384', 'tiny-siglip'), 'clip': ('clip-l-336', 'tiny-clip')}
+
+
+def paper_recipe(a: ml_collections.ConfigDict, *, llm: str, template: str) -> ml_collections.ConfigDict:
+  """The MoIIE paper's training recipe for one stage (arguments as parsed by the configs/ files).
+
+  Stage 1: connector only (lr 1e-3; the official script uses 5e-4), global batch 256, max length 2048, dense.
+  Stage 2: sparse upcycling + everything trains (2e-5, vision tower 2e-6), global batch 128, max length 4096.
+  With three_stage: stage 2 is dense SFT of LLM + connector (tower frozen), stage 3 upcycles and trains only the
+  experts and routers (paper Table 3; MoE-LLaVA's pipeline).
+  """
+  if a.vision not in VISION_TOWERS:
+    raise ValueError(f'config arg vision={a.vision!r}: expected one of {sorted(VISION_TOWERS)}')
+  if a.stage not in (1, 2, 3) or (a.stage == 3 and not a.three_stage):
+    raise ValueError(f'config arg stage={a.stage}: expected 1 or 2 (or 3 with three_stage=True)')
+  moe_stage = 3 if a.three_stage else 2
+  opt_stage = {1: 'stage1', 2: 'sft_dense' if a.three_stage else 'stage2', 3: 'moe_only'}[a.stage]
+  c = base_config(opt_stage)
+  full, tiny = VISION_TOWERS[a.vision]
+  c.model.llm = llm
+  c.model.vision = full
+  c.model.variant = a.variant if a.stage >= moe_stage else 'dense'
+  c.model.experts = a.experts
+  c.model.layout = a.layout
+  c.model.moe.placement = a.placement
+  c.model.moe.aux_loss_coef = a.aux
+  c.data.template = template
+  c.data.max_length = 2048 if a.stage == 1 else 4096
+  c.data.pad_to_square = True
+  if a.stage == 1:
+    c.data.template = 'plain'
+  c.global_batch_size = 256 if a.stage == 1 else 128
+  c.data.batch_size = 8  # per process; grad_accum_steps = global / (batch_size * processes)
+  c.model.dtype = 'bfloat16'
+  c.model.remat = True
+  if a.runlocal:
+    c.model.llm = 'tiny-phi3' if llm.startswith('phi3') else 'tiny-llama'
+    c.model.vision = tiny
+    c.model.dtype = 'float32'
+    c.model.remat = False
+    c.data.synthetic_demo = True  # the loop generates the shapes data set in WORKDIR/data
+    c.data.template = 'demo'
+    c.data.max_length = 96
+    c.data.pad_to_square = False
+    c.data.batch_size = 4
+    c.global_batch_size = 8
+    c.total_steps = 4
+    c.log_every = 2
+  return c

@@ -1,0 +1,167 @@
+"""The training loop on the tiny runlocal recipes: stage-1 freezing, upcycling at stage 2, resume after a kill,
+SIGTERM, a non-finite loss, loss going down, and every paper recipe building its model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moiie_jax.convert import folder
+from moiie_jax.models.lvlm import LVLM
+from moiie_jax.train import loop, recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHI3 = os.path.join(ROOT, 'configs', 'phi3_mini_moiie.py')
+
+
+def _config(arg, **changes):
+  c = recipe.load(f'{PHI3}:{arg},runlocal=True')
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _flat(state):
+  return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f)}
+
+
+def test_stage1_trains_only_the_connector(tmp_path):
+  c = _config('stage=1', total_steps=1, log_every=1)
+  summary = loop.train(c, str(tmp_path / 's1'), progress=False)
+  cfg, trained, _ = folder.load_folder(summary['export'])
+  init = _flat(nnx.state(LVLM(cfg, rngs=nnx.Rngs(c.seed)), nnx.Param))
+  after = _flat(nnx.state(trained, nnx.Param))
+  changed = {p[0] for p in init if not np.array_equal(init[p], after[p])}
+  assert changed == {'multi_modal_projector'}
+  assert all(np.array_equal(init[p], after[p]) for p in init if p[0] != 'multi_modal_projector')
+
+
+def test_stage2_upcycles_the_stage1_checkpoint_and_loss_decreases(tmp_path):
+  s1 = loop.train(_config('stage=1', total_steps=2), str(tmp_path / 's1'), progress=False)
+  c = _config('stage=2', total_steps=30, log_every=1, global_batch_size=4)
+  c.init.checkpoint = s1['export']
+  c.optimizer.lr.language_model = 3e-3
+  c.optimizer.lr.experts = 3e-3
+  c.optimizer.lr.multi_modal_projector = 3e-3
+  s2 = loop.train(c, str(tmp_path / 's2'), progress=False)
+  cfg, model, _ = folder.load_folder(s2['export'])
+  assert cfg.llm.moe.variant == 'moiie' and cfg.llm.moe_layers == (1, 3)
+  # The experts started as copies of the dense FFN they replaced.
+  _, dense, _ = folder.load_folder(s1['export'])
+  assert model.language_model.model.layers[1].mlp.experts.gate_up_proj.kernel.shape[0] == 4
+  assert 'aux_loss' in s2['metrics']
+  losses = _losses(str(tmp_path / 's2'))
+  first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (28, 29, 30)])
+  assert last < first - 0.3, (first, last)
+
+
+def _train_subprocess(config_arg, workdir, extra=()):
+  code = ('import sys; from moiie_jax.train import recipe, loop; '
+          f'c = recipe.load({PHI3!r} + ":" + {config_arg!r}); '
+          'c.total_steps = 24; c.checkpoint_every = 4; c.log_every = 1; c.global_batch_size = 4; '
+          f'print(loop.train(c, {workdir!r}, progress=False)["steps"])')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.Popen([sys.executable, '-c', code, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(workdir, proc, timeout=240):
+  ckpts = os.path.join(workdir, 'checkpoints')
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.isdir(ckpts) and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ckpts)):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f'training exited early: {proc.stderr.read()[-2000:]}')
+    time.sleep(0.2)
+  proc.kill()
+  raise AssertionError('no checkpoint appeared in time')
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+  arg = 'stage=2,runlocal=True'
+  reference = str(tmp_path / 'ref')
+  c = recipe.load(f'{PHI3}:{arg}')
+  c.total_steps, c.checkpoint_every, c.log_every, c.global_batch_size = 24, 4, 1, 4
+  loop.train(c, reference, progress=False)
+
+  killed = str(tmp_path / 'killed')
+  proc = _train_subprocess(arg, killed)
+  _wait_for_checkpoint(killed, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert max(_losses(killed)) < 24, 'the run finished before it was killed: nothing to resume'
+  c = recipe.load(f'{PHI3}:{arg}')
+  c.total_steps, c.checkpoint_every, c.log_every, c.global_batch_size = 24, 4, 1, 4
+  summary = loop.train(c, killed, progress=False)
+  assert summary['steps'] == 24
+  want, got = _losses(reference), _losses(killed)
+  assert max(got) == 24
+  for s in range(12, 25):
+    assert abs(got[s] - want[s]) <= 1e-5 * max(1.0, abs(want[s])), (s, got[s], want[s])
+
+
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'term')
+  proc = _train_subprocess('stage=2,runlocal=True', workdir)
+  _wait_for_checkpoint(workdir, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  steps = int(out.strip().splitlines()[-1])
+  assert 4 <= steps < 24
+  from moiie_jax.train import checkpoint
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert ckpt.latest_step() == steps
+  restored = ckpt.restore(steps)
+  assert int(restored['step']) == steps and restored['data']
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
+  c = _config('stage=2', total_steps=12, checkpoint_every=2, log_every=1)
+  for group in ('vision_tower', 'multi_modal_projector', 'language_model', 'experts', 'routers'):
+    c.optimizer.lr[group] = 1e30
+  c.optimizer.grad_clip = 0.0
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(loop.NonFiniteLossError, match='loss is'):
+    loop.train(c, workdir, progress=False)
+  from moiie_jax.train import checkpoint
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  last_good = ckpt.latest_step()
+  losses = _losses(workdir) if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) else {}
+  assert last_good is None or all(np.isfinite(losses[s]) for s in losses if s <= last_good)
+
+
+@pytest.mark.parametrize('spec', [
+    'phi3_mini_moiie.py:stage=1', 'phi3_mini_moiie.py:stage=2', 'phi3_mini_moiie.py:stage=2,variant=dense',
+    'phi3_mini_moiie.py:stage=2,variant=vanilla', 'phi3_mini_moiie.py:stage=2,variant=modality',
+    'phi3_mini_moiie.py:stage=2,experts=8,layout=balanced', 'phi3_mini_moiie.py:stage=2,experts=8,layout=unbalanced',
+    'phi3_mini_moiie.py:stage=2,placement=all,aux=0.01', 'phi3_mini_moiie.py:stage=2,vision=clip',
+    'phi3_mini_moiie.py:stage=3,three_stage=True', 'llama3_8b_moiie.py:stage=2', 'llama3_8b_moiie.py:stage=2,vision=clip',
+    'moe_llava.py:stage=3', 'moe_llava.py:stage=2', 'demo.py:stage=2'])
+def test_every_recipe_builds_its_full_size_model(spec):
+  c = recipe.load(os.path.join(ROOT, 'configs', spec))
+  cfg = recipe.model_config(c)
+  model = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0)))
+  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert n > 0
+  if spec.startswith('phi3_mini_moiie.py:stage=2') and 'variant' not in spec and 'experts' not in spec \
+     and 'placement' not in spec and 'vision' not in spec:
+    assert cfg.llm.moe.variant == 'moiie' and len(cfg.llm.moe_layers) == 16 and cfg.llm.moe.n_experts == 4
+    assert cfg.num_image_tokens == 729 and 7e9 < n < 9e9, n  # 4 experts in 16 of 32 layers of Phi-3-mini

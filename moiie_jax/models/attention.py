@@ -40,22 +40,35 @@ def attention_mask(q_slots: jax.Array, key_valid: jax.Array, sliding_window: int
   return allowed[None] & key_valid[:, None, :]
 
 
-def dot_product_attention(q_btnh: jax.Array, k_bsgh: jax.Array, v_bsgh: jax.Array, mask_bts: jax.Array,
+def dot_product_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, mask_bts: jax.Array,
                           scale: float) -> jax.Array:
   """Softmax(q k^T * scale) v over G K/V heads without repeating them; float32 softmax.
 
-  q: [B, T, N, H]; k, v: [B, S, G, H]; mask: bool[B, T, S] -> [B, T, N, H] in q's dtype. A query whose keys are all
-  masked (a padding token) gets a uniform average rather than NaN; its output is never meaningful.
+  q: [B, T, N, H]; k, v: [B, G, S, H] (the KV cache's layout); mask: bool[B, T, S] -> [B, T, N, H] in q's dtype.
+  A query whose keys are all masked (a padding token) gets a uniform average rather than NaN; its output is never
+  meaningful.
+
+  Layout, for decoding: XLA's CPU matmuls want the right operand as [contracted, free], so q k^T with k as the
+  right operand transposes all of k ([S, H] -> [H, S], O(S) bytes per layer and step). With few queries (R * T < H,
+  i.e. decoding) the scores are computed as k q^T instead, k on the left as it lies, and the small [S, R * T]
+  result is transposed. p v already has v as [contracted S, free H]. Prefill (many queries) keeps q k^T: there the
+  transposed scores would be the bigger array.
   """
   b, t, n, h = q_btnh.shape
-  g = k_bsgh.shape[2]
-  q_btgrh = q_btnh.reshape(b, t, g, n // g, h)
-  scores = jnp.einsum('BTGRH,BSGH->BGRTS', q_btgrh, k_bsgh) * jnp.asarray(scale, q_btnh.dtype)
+  g = k_bgsh.shape[1]
+  r = n // g
+  q_bgrth = q_btnh.reshape(b, t, g, r, h).transpose(0, 2, 3, 1, 4)  # small: this call's queries only
+  batch = ((0, 1), (0, 1))
+  if r * t < h:
+    scores = jax.lax.dot_general(k_bgsh, q_bgrth, (((3,), (4,)), batch)).transpose(0, 1, 3, 4, 2)  # [B, G, S, R, T]
+  else:
+    scores = jax.lax.dot_general(q_bgrth, k_bgsh, (((4,), (3,)), batch))  # [B, G, R, T, S]
+  scores = scores * jnp.asarray(scale, q_btnh.dtype)
   scores = scores.astype(jnp.float32)
   scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bsgh.dtype)
-  out = jnp.einsum('BGRTS,BSGH->BTGRH', probs, v_bsgh)
-  return out.reshape(b, t, n, h)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bgsh.dtype)
+  out = jax.lax.dot_general(probs, v_bgsh, (((4,), (2,)), batch))  # [B, G, R, T, H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -95,26 +108,40 @@ class Attention(nnx.Module):
     return q.reshape(b, t, n, h), k.reshape(b, t, g, h), v.reshape(b, t, g, h)
 
   def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None = None,
-               cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Attention output and this call's K/V.
+               kv: tuple[jax.Array, jax.Array] | None = None, layer: int | jax.Array | None = None,
+               cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Attention output and, with a cache, the updated cache.
 
     x: [B, T, D]; cos, sin: [B, T, R] (rope.rope_cos_sin); mask: bool[B, T, S] (attention_mask).
-    Without a cache S = T and the keys are this call's tokens. With kv = (k, v) of shape [B, S, G, H] (this
-    layer's cache) the new K/V are written at slots [cache_index, cache_index + T) of a copy and attention runs
-    over all S slots. Returns (y [B, T, D], (k_new, v_new) [B, T, G, H] after RoPE, for the caller's cache).
+    Without a cache S = T, the keys are this call's tokens, and the second output is None. With kv = (k, v), the
+    whole stacked cache of every layer, [L, B, G, S, H], this layer's K (after RoPE) and V are written at
+    [layer, :, :, cache_index:cache_index + T] and attention runs over all S slots of layer `layer` (an int, or a
+    traced int32[] inside a scan); returns (y [B, T, D], (k, v) updated, [L, B, G, S, H]).
+
+    Why the whole stack: one dynamic_update_slice on the array the caller carries (a while_loop's, a scan's
+    carry) updates it in place. Taking one layer's [B, G, S, H] out and writing it back into the stack instead
+    copies the whole cache every step. (XLA:CPU still materialises this layer's slice once for the matmuls: one
+    O(S) read and write per layer and step, about what attention reads anyway.)
     """
     b, t, _ = x_btd.shape
     q, k, v = self.project_qkv(x_btd)
     q = rope.apply_rope(q, cos, sin)
     k = rope.apply_rope(k, cos, sin)
     if kv is None:
-      keys, values = k, v
+      keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, H]
+      new_kv = None
     else:
       k_cache, v_cache = kv
-      start = (0, cache_index, 0, 0)
-      keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-      values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      zero = jnp.zeros((), jnp.int32)
+      start = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3)[None].astype(k_cache.dtype), start)
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3)[None].astype(v_cache.dtype), start)
+      if isinstance(layer, int):
+        keys, values = k_cache[layer], v_cache[layer]
+      else:
+        keys = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
+      new_kv = (k_cache, v_cache)
     out = dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask_bts, self.head_dim ** -0.5)
     y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
-    return y, (k, v)
+    return y, new_kv

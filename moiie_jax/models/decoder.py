@@ -11,8 +11,11 @@ Logical axis names on parameters (mapped to the mesh by the parallel rules table
 'qkv' (Phi-3 fused q|k|v), 'mlp', 'gate_up' (Phi-3 fused gate|up), 'norm', and 'layers' for the scanned axis.
 
 KV cache convention (`CausalLM.init_cache`, then `cache=` on each call):
-  * the cache holds K/V for S = max_len slots per layer; `cache.index` is the next slot to write. A call with T
-    tokens writes slots [index, index + T) and returns a cache whose index is index + T.
+  * the cache holds K/V for S = max_len slots per layer, k and v each one array [L, B, G, S, H]; `cache.index` is
+    the next slot to write. A call with T tokens writes slots [index, index + T) and returns a cache whose index
+    is index + T. Every layer writes its T new slots into the stacked arrays in place (one dynamic_update_slice on
+    the arrays carried through the layers, and through the scan as carry, not xs), so a decoding step never copies
+    the whole cache; the [G, S, H] order lets both attention products read a layer's cache without a transpose.
   * `attention_mask` then has shape [B, S] (the whole cache): 1 where a slot holds a real token, 0 for padding.
     Slots at or beyond index + T are never attended (causality over slots), so a caller may mark them 1 in advance:
     for a left-padded prompt mask m [B, T0], pass concat([m, ones[B, S - T0]]) on every call. Omitted, all
@@ -73,14 +76,14 @@ def layer_location(cfg: LLMConfig, i: int) -> tuple[tuple, int | None]:
 # ------------------------------------------------------------------------------------------------ pytrees
 @struct.dataclass
 class KVCache:
-  """k, v: [L, B, S, G, H] (RoPE already applied to k); index: int32[], the next slot to write."""
+  """k, v: [L, B, G, S, H] (RoPE already applied to k); index: int32[], the next slot to write."""
   k: jax.Array
   v: jax.Array
   index: jax.Array
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 @struct.dataclass
@@ -137,20 +140,21 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-  def __call__(self, x_btd: jax.Array, inputs: LayerInputs, kv: tuple[jax.Array, jax.Array] | None = None):
-    """x: [B, T, D]; kv: this layer's cache (k, v) [B, S, G, H] or None.
+  def __call__(self, x_btd: jax.Array, inputs: LayerInputs, kv: tuple[jax.Array, jax.Array] | None = None,
+               layer: int | jax.Array | None = None):
+    """x: [B, T, D]; kv: the whole stacked cache (k, v) [L, B, G, S, H] or None; layer: this layer's index in it.
 
-    Returns (x [B, T, D], MoE stats or None, (k_new, v_new) [B, T, G, H] to write into the cache, or None).
+    Returns (x [B, T, D], MoE stats or None, the cache (k, v) with this layer's K/V written, or None).
     """
-    h, new_kv = self.self_attn(self.input_layernorm(x_btd), inputs.cos, inputs.sin, inputs.mask, kv,
-                               inputs.cache_index)
+    h, kv = self.self_attn(self.input_layernorm(x_btd), inputs.cos, inputs.sin, inputs.mask, kv, layer,
+                           inputs.cache_index)
     x_btd = x_btd + h
     h = self.post_attention_layernorm(x_btd)
     if self.is_moe:
       h, stats = self.mlp(h, inputs.modality, inputs.valid)
     else:
       h, stats = self.mlp(h), None
-    return x_btd + h, stats, (new_kv if kv is not None else None)
+    return x_btd + h, stats, kv
 
 
 def _stacked_layers(cfg: LLMConfig, member: int, blocks: int, rngs: nnx.Rngs) -> DecoderLayer:
@@ -164,8 +168,8 @@ def _stacked_layers(cfg: LLMConfig, member: int, blocks: int, rngs: nnx.Rngs) ->
   return make(rngs)
 
 
-def _run_layer(layer: DecoderLayer, x_btd, inputs: LayerInputs, kv):
-  return layer(x_btd, inputs, kv)
+def _run_layer(layer: DecoderLayer, x_btd, inputs: LayerInputs, kv, index):
+  return layer(x_btd, inputs, kv, index)
 
 
 def _stack(trees: list, interleave: bool = False):
@@ -237,46 +241,34 @@ class Decoder(nnx.Module):
 
   # -------------------------------------------------------------------------------------------- layers
   def _looped(self, x, inputs: LayerInputs, cache: KVCache | None, run):
-    stats, new_k, new_v = [], [], []
+    stats = []
+    kv = None if cache is None else (cache.k, cache.v)
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_stats, new_kv = run(layer, x, inputs, kv)
+      x, layer_stats, kv = run(layer, x, inputs, kv, i)
       if layer_stats is not None:
         stats.append(layer_stats)
-      if new_kv is not None:
-        new_k.append(new_kv[0])
-        new_v.append(new_kv[1])
-    new_cache = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
-    return x, _stack(stats), new_cache
+    return x, _stack(stats), kv
 
   def _scanned(self, x, inputs: LayerInputs, cache: KVCache | None, run):
     p = self.period
-    blocks = self.cfg.num_hidden_layers // p
-    kv_blocks = None
-    if cache is not None:
-      kv_blocks = tuple(c.reshape((blocks, p) + c.shape[1:]) for c in (cache.k, cache.v))  # [L/p, p, B, S, G, H]
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0),
+    # The cache rides in the carry, not in xs: each layer updates the stacked arrays in place at its own index
+    # (block * p + member). As xs/ys, scan would slice a layer's cache out and write it back, copying it all.
+    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
               transform_metadata={nnx.PARTITION_NAME: 'layers'})
-    def body(x, members, kv_block, inputs):
-      stats, new_k, new_v = [], [], []
+    def body(carry, members, inputs):
+      x, kv, block = carry
+      stats = []
       for j, layer in enumerate(members):
-        kv = None if kv_block is None else (kv_block[0][j], kv_block[1][j])
-        x, layer_stats, new_kv = run(layer, x, inputs, kv)
+        x, layer_stats, kv = run(layer, x, inputs, kv, None if kv is None else block * p + j)
         stats.append(layer_stats)
-        if new_kv is not None:
-          new_k.append(new_kv[0])
-          new_v.append(new_kv[1])
-      new = (jnp.stack(new_k), jnp.stack(new_v)) if new_k else None  # [p, B, T, G, H]
-      return x, (tuple(stats), new)
+      return (x, kv, block + 1), tuple(stats)
 
-    x, (stats, new) = body(x, self.layers, kv_blocks, inputs)
+    kv = None if cache is None else (cache.k, cache.v)
+    (x, kv, _), stats = body((x, kv, jnp.zeros((), jnp.int32)), self.layers, inputs)
     moe = [stats[j] for j in self.moe_members]  # each stacked over blocks: [L/p, ...]
     moe_stats = moe[0] if len(moe) == 1 else _stack(moe, interleave=True)
-    new_cache = None
-    if new is not None:
-      new_cache = tuple(c.reshape((blocks * p,) + c.shape[2:]) for c in new)  # [L, B, T, G, H]
-    return x, moe_stats, new_cache
+    return x, moe_stats, kv
 
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
@@ -298,10 +290,7 @@ class Decoder(nnx.Module):
     else:
       x, moe_stats, new_kv = self._looped(x, inputs, cache, run)
     if cache is not None:
-      start = (0, 0, inputs.cache_index, 0, 0)
-      cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), start),
-                      v=jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), start),
-                      index=inputs.cache_index + length)
+      cache = KVCache(k=new_kv[0], v=new_kv[1], index=inputs.cache_index + length)
     return self.norm(x), moe_stats, cache
 
 
@@ -322,7 +311,7 @@ class CausalLM(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated); dtype defaults to cfg.dtype."""
     cfg = self.cfg
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.resolved_head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.resolved_head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32))
 

@@ -1,4 +1,4 @@
-"""The training loop, top-down: model, data, optimizer, restore-or-start, steps, checkpoints, export.
+"""The training loop, top-down: model, data, mesh, sharded step, restore-or-start, steps, checkpoints, export.
 
 One call trains one stage. Stage 2 starts from stage 1's exported folder (`init.checkpoint = STAGE1/final`) and,
 when the recipe asks for an MoE layer kind while that checkpoint is dense, upcycles the FFNs into experts first.
@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -28,10 +27,11 @@ from moiie_jax.convert import upcycle as upcycle_lib
 from moiie_jax.data import pipeline
 from moiie_jax.models.config import LVLMConfig
 from moiie_jax.models.lvlm import LVLM
+from moiie_jax.parallel import mesh as mesh_lib
+from moiie_jax.parallel.train_step import make_sharded_train_step
 from moiie_jax.train import checkpoint as ckpt_lib
 from moiie_jax.train import optimizer as optimizer_lib
 from moiie_jax.train import recipe
-from moiie_jax.train import step as step_lib
 from moiie_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   opt_cfg.total_steps = total_steps
   micro_steps = total_steps * int(opt_cfg.grad_accum_steps)
 
+  n_devices = int(config.get('mesh_devices', 0))
+  mesh = mesh_lib.make_mesh(config.mesh, jax.local_devices()[:n_devices] if n_devices else None)
   graphdef, params = nnx.split(model, nnx.Param)
   tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
-  opt_state = tx.init(params)
+  train_step = make_sharded_train_step(graphdef, tx, cfg, mesh, params, _example_batch(data_cfg, cfg))
+  params, opt_state = train_step.init(params)  # placed on the mesh; optimizer state born sharded
   rng = jax.random.key(config.seed)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
@@ -138,7 +141,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     data.set_state(restored['data'])
     start = int(restored['step'])
     log.info('resumed from step %d', start)
-  train_step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1))
   preempted = ckpt_lib.install_preemption_handler()
   writer = MetricWriter(os.path.join(workdir, 'tensorboard'), enabled=jax.process_index() == 0)
 
@@ -158,7 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   while step < micro_steps:
     batch = next(data)
     tokens += int(batch['attention_mask'].sum())
-    params, opt_state, metrics = train_step(params, opt_state, _device_batch(batch))
+    params, opt_state, metrics = train_step(params, opt_state, mesh_lib.global_batch(_model_inputs(batch), mesh))
     step += 1
     if step % config.log_every == 0 or step == micro_steps:
       last = _scalars(metrics)
@@ -190,6 +192,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   ckpt.wait()
   writer.close()
   summary = {'steps': step, 'preempted': False, 'metrics': last, 'data_stats': data.stats()}
+  if config.export_final:
+    params = _to_host(params)  # every process takes part in gathering a multi-host array
   if config.export_final and jax.process_index() == 0:
     final = os.path.join(workdir, 'final')
     nnx.update(model, params)
@@ -197,8 +201,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                            meta={**meta, 'template': config.data.template, 'trained_steps': step},
                            overwrite=True)
     summary['export'] = final
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=float)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=float)
   data.close()
   return summary
 
@@ -207,9 +212,27 @@ def _tokenizer_dir(path: str) -> str:
   return path if os.path.isdir(path) else os.path.dirname(path)
 
 
-def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  keys = ('input_ids', 'labels', 'attention_mask', 'pixel_values')
-  return {k: jnp.asarray(batch[k]) for k in keys}
+MODEL_INPUTS = ('input_ids', 'labels', 'attention_mask', 'pixel_values')
+
+
+def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: batch[k] for k in MODEL_INPUTS}
+
+
+def _example_batch(data_cfg: pipeline.DataConfig, cfg: LVLMConfig) -> dict[str, np.ndarray]:
+  """A global batch of the pipeline's shapes (zeros): what the sharded step is built for."""
+  b, t, size = data_cfg.batch_size * jax.process_count(), data_cfg.max_length, cfg.vision.image_size
+  ids = np.zeros((b, t), np.int32)
+  return {'input_ids': ids, 'labels': ids, 'attention_mask': ids,
+          'pixel_values': np.zeros((b, size, size, cfg.vision.num_channels), np.float32)}
+
+
+def _to_host(tree):
+  """Parameters as host numpy arrays (gathered over processes when they span hosts)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:

@@ -15,6 +15,8 @@ A recipe file is `configs/NAME.py` with `get_config(arg)` returning `base_config
   data.*                    moiie_jax.data.pipeline.DataConfig fields (num_image_tokens and image_token_id are
                             filled in from the model)
   optimizer.*               moiie_jax.train.optimizer.get_config fields (stage presets, lrs, schedule, clipping)
+  mesh.data/fsdp/expert/tensor  device mesh axis sizes (-1 = the rest); expert parallelism needs capacity_factor > 0
+                            to be efficient (dropless sends one buffer row per token to every expert)
   num_epochs, total_steps   total_steps = 0 means num_epochs over the data
   log_every, checkpoint_every, keep_checkpoints, export_final
 """
@@ -76,6 +78,10 @@ def base_config(stage: str = 'stage2') -> ml_collections.ConfigDict:
       vision_feature_layer=-2, dtype='bfloat16', scan_layers=False, remat=False,
       vocab_size=0))  # 0 = the preset's (from-scratch models size it to their tokenizer)
   c.init = ml_collections.ConfigDict(dict(checkpoint=''))
+  # Device mesh (moiie_jax/parallel/mesh.py): -1 = the rest of the devices. Experts are split over `expert`,
+  # parameters FSDP-style over `fsdp` (and `expert` for non-expert weights), the batch over data x fsdp x expert.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.mesh_devices = 0  # 0 = every device of every process; n = only this process's first n (single-host runs)
   c.data = ml_collections.ConfigDict(dict(
       json_path='', image_folder='', tfds_dir='', tokenizer_path='', template='phi3', max_length=4096,
       truncation='drop', length_buckets=(), batch_size=8, worker_count=0, on_error='skip', shuffle=True,
@@ -166,4 +172,5 @@ def paper_recipe(a: ml_collections.ConfigDict, *, llm: str, template: str) -> ml
     c.global_batch_size = 8
     c.total_steps = 4
     c.log_every = 2
+    c.mesh_devices = 1
   return c

@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
   c.optimizer.warmup_ratio = 0.05
   c.optimizer.grad_clip = 1.0
   c.num_epochs = 1
-  c.total_steps = a.steps or (600 if a.stage == 1 else 900)
+  c.total_steps = a.steps or (600 if a.stage == 1 else 1200)
   c.log_every = 25
   c.checkpoint_every = 300
   c.keep_checkpoints = 2

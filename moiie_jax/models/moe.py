@@ -204,8 +204,18 @@ class MoEBlock(nnx.Module):
     """x: [B, T, D]; modality: int[B, T] (1 image, 0 text); valid: bool/int[B, T] (attention mask).
 
     capacity_factor: None = `MoEConfig.capacity_factor`; <= 0 dropless. Returns (y [B, T, D] in the compute
-    dtype, without the residual; 0 at unrouted padding), MoEStats).
+    dtype, without the residual; 0 at unrouted padding), MoEStats). Inside `parallel.dispatch.expert_parallel`
+    (entered at trace time by the sharded training step) the experts run spread over the mesh instead.
     """
+    from moiie_jax.parallel import dispatch  # pylint: disable=import-outside-toplevel  (parallel imports models)
+    plan = dispatch.active()
+    if plan is not None:
+      return dispatch.dispatch(self, x, modality, valid, plan, capacity_factor=capacity_factor)
+    return self.local(x, modality, valid, capacity_factor=capacity_factor)
+
+  def local(self, x: jax.Array, modality: jax.Array, valid: jax.Array, *,
+            capacity_factor: float | None = None) -> tuple[jax.Array, MoEStats]:
+    """`__call__` on this device alone, whatever mesh context is active."""
     moe = self.moe
     b, t, d = x.shape
     n, k, e = b * t, moe.top_k, moe.n_experts

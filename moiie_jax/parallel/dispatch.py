@@ -20,9 +20,9 @@ slots and multiply the traffic by the number of groups. `grouped_moe` is the sam
 capacity (or dropless, cf <= 0, then C_l = N_l) nothing is dropped and the result equals the dropless reference.
 Routing statistics are summed over the groups (psum), so the aux loss is the global one either way.
 
-Hook into the model: `MoEBlock.__call__` knows nothing of meshes. `use_expert_parallel(model)` re-classes the
-model's MoE blocks as `ExpertParallelMoEBlock`, which runs this dispatch while an `expert_parallel(plan)` context
-is active at trace time and is MoEBlock otherwise; parameters and their paths do not change.
+Hook into the model: `MoEBlock.__call__` asks `active()` for a plan and, while an `expert_parallel(plan)` context
+is active at trace time, runs `dispatch` here instead of its single-device path (`MoEBlock.local`); parameters and
+their paths do not change, and the model code names no mesh.
 
 B batch, T tokens, N = B*T positions, D model width, E experts, K top-k, C capacity, P = ep (expert-axis size),
 L = E / P local experts. `_l` marks per-device sizes.
@@ -163,7 +163,7 @@ def grouped_moe(block: moe_lib.MoEBlock, x: jax.Array, modality: jax.Array, vali
   b, t, d = x.shape
   if b % groups:
     raise ConfigError(f'grouped_moe: batch size {b} is not divisible by groups={groups}')
-  call = lambda x, m, v: moe_lib.MoEBlock.__call__(block, x, m, v, capacity_factor=capacity_factor)
+  call = lambda x, m, v: block.local(x, m, v, capacity_factor=capacity_factor)
   split = lambda a: a.reshape((groups, b // groups) + a.shape[1:])  # [G, B/G, ...]: one group per device
   y, stats = jax.vmap(call)(split(x), split(modality), split(valid))
   return y.reshape(b, t, -1), combine_stats(stats, lambda a: jnp.sum(a, axis=0), block.moe.top_k)
@@ -176,7 +176,7 @@ _ACTIVE: contextvars.ContextVar[ExpertParallel | int | None] = contextvars.Conte
 
 @contextlib.contextmanager
 def expert_parallel(plan: ExpertParallel | int | None):
-  """While active (at trace time), `ExpertParallelMoEBlock`s dispatch with `plan`.
+  """While active (at trace time), MoE blocks dispatch with `plan`.
 
   An int G instead of a plan runs `grouped_moe` with G groups on one device (the tests' oracle). Enter it inside
   the jitted function so that every trace sees it (jit's cache does not key on context variables).
@@ -192,34 +192,9 @@ def active() -> ExpertParallel | int | None:
   return _ACTIVE.get()
 
 
-class ExpertParallelMoEBlock(moe_lib.MoEBlock):
-  """A MoEBlock that runs expert-parallel under `expert_parallel(plan)`; the same module (and parameters)."""
-
-  def __call__(self, x: jax.Array, modality: jax.Array, valid: jax.Array, *,
-               capacity_factor: float | None = None) -> tuple[jax.Array, MoEStats]:
-    plan = active()
-    if plan is None:
-      return super().__call__(x, modality, valid, capacity_factor=capacity_factor)
-    if isinstance(plan, int):
-      return grouped_moe(self, x, modality, valid, plan, capacity_factor=capacity_factor)
-    return moe_forward(self, x, modality, valid, plan, capacity_factor=capacity_factor)
-
-
-def use_expert_parallel(model: nnx.Module) -> nnx.Module:
-  """Re-classes every MoEBlock in `model` (in place) as ExpertParallelMoEBlock; returns `model`.
-
-  Only the Python class changes (no attribute, parameter or path), so states split from the model before and after
-  are interchangeable; a graphdef split afterwards rebuilds ExpertParallelMoEBlocks.
-  """
-  for _, module in model.iter_modules():
-    if type(module) is moe_lib.MoEBlock:  # pylint: disable=unidiomatic-typecheck  (subclasses are left alone)
-      module.__class__ = ExpertParallelMoEBlock
-  return model
-
-
-def expert_parallel_graphdef(graphdef: nnx.GraphDef, *states: nnx.State) -> nnx.GraphDef:
-  """`graphdef` with its MoE blocks made expert-parallel. `states`: all states split with it (may be abstract).
-
-  A graphdef does not depend on the filters of the split, so it pairs with the same (params, rest) as before.
-  """
-  return nnx.graphdef(use_expert_parallel(nnx.merge(graphdef, *states)))
+def dispatch(block: moe_lib.MoEBlock, x: jax.Array, modality: jax.Array, valid: jax.Array,
+             plan: ExpertParallel | int, *, capacity_factor: float | None = None) -> tuple[jax.Array, MoEStats]:
+  """What `MoEBlock.__call__` runs under `expert_parallel(plan)`: the mesh dispatch, or `grouped_moe` for an int."""
+  if isinstance(plan, int):
+    return grouped_moe(block, x, modality, valid, plan, capacity_factor=capacity_factor)
+  return moe_forward(block, x, modality, valid, plan, capacity_factor=capacity_factor)

@@ -7,8 +7,8 @@
     params, opt_state = step.init(params)                     # placed on the mesh, opt state born sharded
     params, opt_state, metrics = step(params, opt_state, step.shard_batch(batch))
 
-The step is `train.step.make_train_step` itself (same loss, same optimizer), built on a graphdef whose MoE blocks
-dispatch expert-parallel (`dispatch.use_expert_parallel`) inside the jitted function. Everything else (attention,
+The step is `train.step.make_train_step` itself (same loss, same optimizer), run inside
+`dispatch.expert_parallel(plan)` so that its MoE blocks dispatch expert-parallel. Everything else (attention,
 embeddings, vision tower) is partitioned by XLA from the parameter and batch shardings. Parameters and optimizer
 state are donated: the caller's old buffers are invalid after a call.
 """
@@ -74,10 +74,8 @@ def make_sharded_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransforma
   plan = dispatch.ExpertParallel(mesh)
   if moe.is_moe:
     dispatch.check_experts(moe, plan)
-  states = (params,) if rest is None else (params, rest)
-  ep_graphdef = dispatch.expert_parallel_graphdef(graphdef, *(_abstract(s) for s in states))
-  inner_train = step_lib.make_train_step(ep_graphdef, tx, cfg, rest)
-  inner_eval = step_lib.make_eval_step(ep_graphdef, cfg, rest)
+  inner_train = step_lib.make_train_step(graphdef, tx, cfg, rest)
+  inner_eval = step_lib.make_eval_step(graphdef, cfg, rest)
 
   # The expert-parallel context is entered inside the traced functions, so every trace (and retrace) sees it.
   def train_step(params, opt_state, batch):
@@ -106,9 +104,8 @@ def make_grouped_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransforma
   """The single-device statement of the sharded step (jitted, no shardings): MoE capacity per batch shard of
   `groups` shards (`dispatch.grouped_moe`), otherwise `make_train_step` unchanged. The oracle of the
   tight-capacity tests; with ample capacity it equals the plain single-device step."""
-  states = (params,) if rest is None else (params, rest)
-  inner = step_lib.make_train_step(dispatch.expert_parallel_graphdef(graphdef, *(_abstract(s) for s in states)), tx,
-                                   cfg, rest)
+  del params  # the step is shape-polymorphic in them; kept for the signature's symmetry with the sharded step
+  inner = step_lib.make_train_step(graphdef, tx, cfg, rest)
 
   def train_step(params, opt_state, batch):
     with dispatch.expert_parallel(groups):

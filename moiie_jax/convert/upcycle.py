@@ -21,6 +21,7 @@ import numpy as np
 
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.models.config import LLMConfig, MoEConfig
+from moiie_jax.models.decoder import layer_location
 from moiie_jax.models.routing import router_ranges
 
 Path = tuple
@@ -69,11 +70,6 @@ def upcycle_block(dense_mlp_params: Mapping[str, Any], cfg: LLMConfig, rng: jax.
 
 
 def _layer_location(cfg: LLMConfig, i: int) -> tuple[Path, int | None]:
-  try:
-    from moiie_jax.models.decoder import layer_location  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise NotImplementedError('upcycle needs moiie_jax.models.decoder.layer_location(cfg, i) -> (path_prefix, '
-                              'stack_index | None), which is missing') from e
   prefix, index = layer_location(cfg, i)
   return tuple(prefix), index
 

@@ -6,7 +6,9 @@ capacity factor 1.5 in training (2.0 at evaluation, overflow dropped), aux coeff
     stage=3  upcycle, then experts + routers only, lr 2e-5, batch 128
 
 Differences from MoE-LLaVA's code, on purpose: (1) routing at evaluation is deterministic (MoE-LLaVA draws the
-second expert with Gumbel noise, also at evaluation, so its scores vary run to run); (2) the aux loss is the
+second expert with Gumbel noise, also at evaluation, so its scores vary run to run), and generation and
+evaluation run dropless by default (`--capacity-factor 2.0` on `moiie_jax.generate` / `moiie_jax.evaluate`
+reproduces MoE-LLaVA's evaluation capacity, at the price of answers that depend on the batch); (2) the aux loss is the
 Mixtral form E * sum_e f_e P_e over both top-k choices (MoE-LLaVA uses DeepSpeed's GShard form, first choices
 only, E^2 * mean(me * ce), summed over layers; both equal their minimum under uniform routing); (3) its Phi-2,
 StableLM and Qwen backbones are not among our decoders: pick llm=phi3-mini or llm=llama3-8b, vision=clip (its

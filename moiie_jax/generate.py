@@ -44,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--stop', action='append', default=[], help='stop string (repeatable)')
   p.add_argument('--batch-size', type=int, default=8, help='prompts per device batch (batch mode)')
+  p.add_argument('--capacity-factor', type=float, default=0.0,
+                 help='MoE expert capacity at inference: 0 = dropless (default; an answer never depends on the other '
+                      'prompts of its batch); MoE-LLaVA evaluates at 2.0')
   args = p.parse_args(argv)
   if args.batch and not args.out:
     p.error('--batch needs --out')
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     sampling.validate()
     generator = Generator.from_folder(args.checkpoint, template='auto' if args.template is None else args.template,
-                                      batch_size=args.batch_size if args.batch else 1)
+                                      batch_size=args.batch_size if args.batch else 1,
+                                      capacity_factor=args.capacity_factor)
     if args.batch:
       return run_batch(generator, args, sampling)
     if args.chat:

@@ -29,6 +29,9 @@ def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument('--images', default='', help='folder the data file\'s image paths are relative to')
   p.add_argument('--out', required=True, help='output folder')
   p.add_argument('--batch-size', type=int, default=8)
+  p.add_argument('--capacity-factor', type=float, default=0.0,
+                 help='MoE expert capacity: 0 = dropless (default: deterministic, batch-independent answers); '
+                      'MoE-LLaVA evaluates at 2.0')
   p.add_argument('--template', default=None,
                  help='chat template (phi3, llama3, plain, demo, or none for raw prompts); default: the checkpoint\'s')
   p.add_argument('--limit', type=int, default=None, help='use only the first N items (smoke runs)')
@@ -66,7 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def _generator(args):
   from moiie_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
   template = 'auto' if args.template is None else args.template
-  return Generator.from_folder(args.checkpoint, template=template, batch_size=args.batch_size)
+  return Generator.from_folder(args.checkpoint, template=template, batch_size=args.batch_size,
+                               capacity_factor=args.capacity_factor)
 
 
 def evaluate(args) -> dict:
@@ -76,7 +80,8 @@ def evaluate(args) -> dict:
   items = bench.load(args.data, args.images, check_images=False)[:args.limit]
   generator = _generator(args)
   run_info = {'checkpoint': os.path.abspath(args.checkpoint), 'data': os.path.abspath(args.data),
-              'template': generator.template.name if generator.template else 'none'}
+              'template': generator.template.name if generator.template else 'none',
+              'capacity_factor': args.capacity_factor}
   summary = runner.run_benchmark(generator, bench, items, args.out, max_new_tokens=args.max_new_tokens,
                                  run_info=run_info, progress=not args.no_progress, retry_errors=args.retry_errors)
   print(f'{bench.name}: {summary.n_new} answered now, {summary.n_resumed} from earlier runs, {summary.n_errors} '

@@ -162,12 +162,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     tokens += int(batch['attention_mask'].sum())
     params, opt_state, metrics = train_step(params, opt_state, mesh_lib.global_batch(_model_inputs(batch), mesh))
     step += 1
+    stop = preempted()  # on several hosts a collective: every process asks once per step
+    due_save = stop or step % config.checkpoint_every == 0 or step == micro_steps
+    if due_save or step % config.log_every == 0:
+      # Checked before every save too: NaN parameters give a NaN loss, so nothing non-finite is ever saved.
+      loss = float(metrics['loss'])
+      if not math.isfinite(loss):
+        ckpt.wait()
+        data.close()
+        raise NonFiniteLossError(f'step {step}: loss is {loss}; stopping. The last good checkpoint '
+                                 f'(step {ckpt.latest_step()}) is intact in {workdir}/checkpoints')
     if step % config.log_every == 0 or step == micro_steps:
       last = _scalars(metrics)
-      if not math.isfinite(last['loss']):
-        ckpt.wait()
-        raise NonFiniteLossError(f'step {step}: loss is {last["loss"]}; stopping. The last good checkpoint '
-                                 f'(step {ckpt.latest_step()}) is intact in {workdir}/checkpoints')
       elapsed = time.perf_counter() - t0
       last['tokens_per_s'] = tokens / max(elapsed, 1e-9)
       t0, tokens = time.perf_counter(), 0
@@ -179,11 +185,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
           f.write(json.dumps({'step': step, **last}) + '\n')
       bar.set_postfix(loss=f'{last["loss"]:.4f}')
     bar.update(1)
-    if preempted():
+    if stop:
       save(step, force=True)
       ckpt.wait()
       log.warning('SIGTERM received: saved step %d and stopping', step)
       bar.close()
+      writer.close()
+      data.close()
       return {'steps': step, 'preempted': True, 'metrics': last}
     if step % config.checkpoint_every == 0:
       save(step)

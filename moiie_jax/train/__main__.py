@@ -7,7 +7,6 @@ TPU pods and SLURM jobs by itself, elsewhere set COORDINATOR=host:port, NUM_PROC
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -31,8 +30,9 @@ def main(argv: list[str]) -> int:
                                  int(os.environ['PROCESS_ID']))
     else:
       jax.distributed.initialize()
-  logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-                      format='%(asctime)s %(levelname)s %(message)s')
+  from absl import logging as absl_logging
+  if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO: keep the console to the progress bar
+    absl_logging.set_verbosity(absl_logging.WARNING)
   from moiie_jax.train import loop
   try:
     summary = loop.train(_CONFIG.value, _WORKDIR.value)
@@ -40,7 +40,9 @@ def main(argv: list[str]) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 3
   if jax.process_index() == 0:
-    print(f'trained {summary["steps"]} steps; loss {summary["metrics"].get("loss", float("nan")):.4f}'
+    loss = summary['metrics'].get('loss')
+    print(f'trained {summary["steps"]} micro-steps ({summary["updates"]} updates)'
+          + (f'; loss {loss:.4f}' if loss is not None else '; nothing left to train')
           + (f'; exported {summary["export"]}' if summary.get('export') else ''))
   return 0
 

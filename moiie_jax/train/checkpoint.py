@@ -19,7 +19,9 @@ right after; the write itself runs in the background until the next `save`, `wai
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import signal
 import threading
@@ -127,6 +129,18 @@ def _check_tree(where: str, stored_tree: Any, template: Any) -> None:
     raise CheckpointError(f'{where} does not match the requested state:\n  ' + '\n  '.join(problems[:20]) + more)
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax's (absl) warnings silenced for the duration."""
+  logger = logging.getLogger('absl')
+  before = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(before)
+
+
 class Checkpointer:
   """Periodic, atomic, optionally async training checkpoints in `{directory}/<step>`.
 
@@ -201,8 +215,9 @@ class Checkpointer:
         raise CheckpointError(f'no finished checkpoint in {self.directory}')
     elif step not in self._manager.all_steps():
       raise CheckpointError(f'no checkpoint for step {step} in {self.directory}; have {self.all_steps()}')
-    kinds = self._manager.restore(step, args=ocp.args.Composite(
-        **{_MANIFEST: ocp.args.JsonRestore()}))[_MANIFEST]['kinds']
+    with _quiet_orbax():  # reading the manifest alone makes Orbax warn about every other item
+      kinds = self._manager.restore(step, args=ocp.args.Composite(
+          **{_MANIFEST: ocp.args.JsonRestore()}))[_MANIFEST]['kinds']
     where = f'checkpoint {self.directory / str(step)}'
     template = dict(abstract_state) if abstract_state is not None else {}
     for name in template:
@@ -221,9 +236,10 @@ class Checkpointer:
         continue
       args[name] = ocp.args.StandardRestore(None if value is None else
                                             _abstract({'value': value} if kind == 'leaf' else value))
-    if abstract_state is not None:
-      self._check(step, where, template, kinds)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    with _quiet_orbax():  # Orbax warns about each stored item a partial read leaves out; ours are checked above
+      if abstract_state is not None:
+        self._check(step, where, template, kinds)
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     out = {}
     for name, value in template.items():
       item = restored[name]

@@ -140,7 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     params, opt_state, rng = restored['params'], restored['opt_state'], restored['rng']
     data.set_state(restored['data'])
     start = int(restored['step'])
-    log.info('resumed from step %d', start)
+    if jax.process_index() == 0:
+      print(f'{workdir}: resuming from step {start} of {micro_steps}', flush=True)
   preempted = ckpt_lib.install_preemption_handler()
   writer = MetricWriter(os.path.join(workdir, 'tensorboard'), enabled=jax.process_index() == 0)
 
@@ -192,14 +193,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       bar.close()
       writer.close()
       data.close()
-      return {'steps': step, 'preempted': True, 'metrics': last}
+      return {'steps': step, 'updates': step // int(opt_cfg.grad_accum_steps), 'preempted': True, 'metrics': last}
     if step % config.checkpoint_every == 0:
       save(step)
   bar.close()
   save(step, force=True)
   ckpt.wait()
   writer.close()
-  summary = {'steps': step, 'preempted': False, 'metrics': last, 'data_stats': data.stats()}
+  summary = {'steps': step, 'updates': step // int(opt_cfg.grad_accum_steps), 'preempted': False, 'metrics': last,
+             'data_stats': data.stats()}
   if config.export_final:
     params = _to_host(params)  # every process takes part in gathering a multi-host array
   if config.export_final and jax.process_index() == 0:

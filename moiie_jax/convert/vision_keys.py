@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from moiie_jax.convert.errors import ConvertError
+from moiie_jax.convert.hf import flat_abstract
 from moiie_jax.models.config import VisionConfig
 from moiie_jax.models.connector import MultiModalProjector
 from moiie_jax.models.vision import VisionTower
@@ -90,15 +91,10 @@ def _table(abstract: Mapping[Path, Any]) -> dict[str, tuple[Path, tuple, Callabl
   return table
 
 
-def _flat_abstract(model: Any) -> dict[Path, Any]:
-  state = nnx.state(model, nnx.Param)
-  return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
-
-
 @functools.lru_cache(maxsize=16)
 def _vision_table(cfg: VisionConfig) -> dict[str, tuple[Path, tuple, Callable, Callable]]:
   """The tower's table, HF names relative to `vision_model.` (configs are frozen, hence hashable and cacheable)."""
-  abstract = _flat_abstract(nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0))))
+  abstract = flat_abstract(nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0))))
   table = _table(abstract)
   # Drop the leading 'vision_model.': HF names are matched after stripping it (it is optional in HF files).
   return {name.removeprefix('vision_model.'): entry for name, entry in table.items()}
@@ -199,7 +195,7 @@ _CONNECTOR_NAMES = ('linear_1.weight', 'linear_1.bias', 'linear_2.weight', 'line
 
 
 def _connector_table(vision_width: int, llm_width: int, bias: bool) -> dict[str, tuple]:
-  abstract = _flat_abstract(nnx.eval_shape(
+  abstract = flat_abstract(nnx.eval_shape(
       lambda: MultiModalProjector(vision_width, llm_width, bias=bias, rngs=nnx.Rngs(0))))
   return _table(abstract)
 

@@ -82,7 +82,7 @@ def main() -> None:
 
   from moiie_jax import compile_cache  # pylint: disable=g-import-not-at-top
   from moiie_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from moiie_jax.parallel import train_step as ts  # pylint: disable=g-import-not-at-top
+  from moiie_jax.train import step as ts  # pylint: disable=g-import-not-at-top
 
   mesh_lib.initialize_distributed(True, coordinator_address=f'127.0.0.1:{args.port}',
                                   num_processes=args.num_processes, process_id=args.process_id)

@@ -76,7 +76,7 @@ def _abstract(state):
 def _assert_same(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    if ckpt._is_key(x):
+    if ckpt.is_key(x):
       assert x.dtype == y.dtype
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     assert x.dtype == y.dtype and x.shape == y.shape

@@ -24,7 +24,7 @@ from moiie_jax.models.lvlm import LVLM
 from moiie_jax.parallel import dispatch
 from moiie_jax.parallel import mesh as mesh_lib
 from moiie_jax.parallel import sharding as sharding_lib
-from moiie_jax.parallel import train_step as ts
+from moiie_jax.train import step as ts
 from moiie_jax.train import optimizer as optimizer_lib
 from moiie_jax.train import step as step_lib
 

@@ -22,6 +22,7 @@ from flax import nnx
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.models import config as config_lib
 from moiie_jax.models.lvlm import LVLM
+from moiie_jax.store.params import restore_params, save_params
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
                    'added_tokens.json', 'chat_template.jinja', 'generation_config.json')
@@ -30,7 +31,6 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
 def save_folder(out_dir: str, cfg: config_lib.LVLMConfig, params: nnx.State, *, tokenizer_dir: str | None = None,
                 meta: dict[str, Any] | None = None, overwrite: bool = False) -> str:
   """Writes a complete converted-checkpoint folder at `out_dir` atomically; returns its absolute path."""
-  from moiie_jax.train.checkpoint import save_params  # Orbax lives in the training package
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
     raise ConvertError(f'{out_dir}: already exists and is not empty (pass --overwrite to replace it)')
@@ -85,7 +85,6 @@ def abstract_model(cfg: config_lib.LVLMConfig) -> LVLM:
 
 def load_folder(folder: str) -> tuple[config_lib.LVLMConfig, LVLM, dict[str, Any]]:
   """(config, model with restored weights, meta) from a converted-checkpoint folder."""
-  from moiie_jax.train.checkpoint import restore_params
   cfg = load_config(folder)
   model = abstract_model(cfg)
   nnx.update(model, restore_params(os.path.join(folder, 'params'), nnx.state(model, nnx.Param)))

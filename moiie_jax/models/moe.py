@@ -18,6 +18,10 @@ B batch, T tokens, N = B*T positions, D model width, F FFN width, E experts, C c
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -152,6 +156,25 @@ def _collect_bwd(res, g):
 _collect.defvjp(_collect_fwd, _collect_bwd)
 
 
+# The hook through which a higher layer (parallel/) runs the expert layer its own way: models/ imports nothing above
+# it, so the hook is passed in. Called as hook(block, x, modality, valid, capacity_factor) -> (y, MoEStats).
+Dispatch = Callable[['MoEBlock', jax.Array, jax.Array, jax.Array, 'float | None'], 'tuple[jax.Array, MoEStats]']
+_DISPATCH: contextvars.ContextVar[Dispatch | None] = contextvars.ContextVar('moiie_moe_dispatch', default=None)
+
+
+@contextlib.contextmanager
+def dispatching(hook: Dispatch | None):
+  """While active (at trace time), every `MoEBlock.__call__` runs `hook` instead of `MoEBlock.local`.
+
+  Enter it inside the traced function: jit's cache does not key on context variables.
+  """
+  token = _DISPATCH.set(hook)
+  try:
+    yield hook
+  finally:
+    _DISPATCH.reset(token)
+
+
 def expert_capacity(moe: MoEConfig, n_positions: int, capacity_factor: float) -> int:
   """Rows per expert buffer: ceil(cf * N * K / E) capped at N (a position picks an expert at most once), or N
   when cf <= 0 (the capacity layout's dropless bound)."""
@@ -204,13 +227,13 @@ class MoEBlock(nnx.Module):
     """x: [B, T, D]; modality: int[B, T] (1 image, 0 text); valid: bool/int[B, T] (attention mask).
 
     capacity_factor: None = `MoEConfig.capacity_factor`; <= 0 dropless. Returns (y [B, T, D] in the compute
-    dtype, without the residual; 0 at unrouted padding), MoEStats). Inside `parallel.dispatch.expert_parallel`
-    (entered at trace time by the sharded training step) the experts run spread over the mesh instead.
+    dtype, without the residual; 0 at unrouted padding), MoEStats). While a `dispatching(hook)` context is active
+    (`parallel.dispatch.expert_parallel` enters one at trace time) the hook runs the layer instead, e.g. with the
+    experts spread over a mesh.
     """
-    from moiie_jax.parallel import dispatch  # pylint: disable=import-outside-toplevel  (parallel imports models)
-    plan = dispatch.active()
-    if plan is not None:
-      return dispatch.dispatch(self, x, modality, valid, plan, capacity_factor=capacity_factor)
+    hook = _DISPATCH.get()
+    if hook is not None:
+      return hook(self, x, modality, valid, capacity_factor)
     return self.local(x, modality, valid, capacity_factor=capacity_factor)
 
   def local(self, x: jax.Array, modality: jax.Array, valid: jax.Array, *,

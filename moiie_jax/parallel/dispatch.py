@@ -20,9 +20,10 @@ slots and multiply the traffic by the number of groups. `grouped_moe` is the sam
 capacity (or dropless, cf <= 0, then C_l = N_l) nothing is dropped and the result equals the dropless reference.
 Routing statistics are summed over the groups (psum), so the aux loss is the global one either way.
 
-Hook into the model: `MoEBlock.__call__` asks `active()` for a plan and, while an `expert_parallel(plan)` context
-is active at trace time, runs `dispatch` here instead of its single-device path (`MoEBlock.local`); parameters and
-their paths do not change, and the model code names no mesh.
+Hook into the model: `expert_parallel(plan)` installs `dispatch` as the model's MoE hook (`moe.dispatching`), so
+while it is active at trace time every `MoEBlock.__call__` runs here instead of its single-device path
+(`MoEBlock.local`); parameters and their paths do not change, and the model code names no mesh and imports
+nothing of this package.
 
 B batch, T tokens, N = B*T positions, D model width, E experts, K top-k, C capacity, P = ep (expert-axis size),
 L = E / P local experts. `_l` marks per-device sizes.
@@ -181,9 +182,13 @@ def expert_parallel(plan: ExpertParallel | int | None):
   An int G instead of a plan runs `grouped_moe` with G groups on one device (the tests' oracle). Enter it inside
   the jitted function so that every trace sees it (jit's cache does not key on context variables).
   """
+  hook = None
+  if plan is not None:
+    hook = lambda block, x, modality, valid, cf: dispatch(block, x, modality, valid, plan, capacity_factor=cf)
   token = _ACTIVE.set(plan)
   try:
-    yield plan
+    with moe_lib.dispatching(hook):
+      yield plan
   finally:
     _ACTIVE.reset(token)
 

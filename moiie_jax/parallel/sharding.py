@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moiie_jax.models.config import ConfigError
 from moiie_jax.parallel import mesh as mesh_lib
-from moiie_jax.train.optimizer import path_names
+from moiie_jax.models.paths import path_names
 
 # (pattern searched at the end of the dotted path, logical axes of the trailing dimensions). First match wins.
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (

@@ -28,7 +28,7 @@ from moiie_jax.data import pipeline
 from moiie_jax.models.config import LVLMConfig
 from moiie_jax.models.lvlm import LVLM
 from moiie_jax.parallel import mesh as mesh_lib
-from moiie_jax.parallel.train_step import make_sharded_train_step
+from moiie_jax.train.step import make_sharded_train_step
 from moiie_jax.train import checkpoint as ckpt_lib
 from moiie_jax.train import optimizer as optimizer_lib
 from moiie_jax.train import recipe

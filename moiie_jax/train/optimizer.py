@@ -52,6 +52,8 @@ import ml_collections
 import optax
 from ml_collections import config_dict
 
+from moiie_jax.models.paths import path_names
+
 GROUPS = ('vision_tower', 'multi_modal_projector', 'language_model', 'experts', 'routers')
 STAGES = ('stage1', 'stage2', 'sft_dense', 'moe_only')
 # Top-level attribute names that belong to the LLM: an LVLM's `language_model`, or a bare causal LM (`model`,
@@ -136,19 +138,6 @@ def stage_param_groups(stage: str, cfg: ml_collections.ConfigDict | None = None)
   for group in _frozen_set(cfg):
     groups[group] = None
   return groups
-
-
-def _key_name(key: Any) -> str:
-  for attr in ('key', 'name', 'idx'):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def path_names(path: tuple) -> tuple[str, ...]:
-  """A jax key path as plain names, without the trailing `value` that an `nnx.Variable` adds."""
-  names = tuple(_key_name(k) for k in path)
-  return names[:-1] if names and names[-1] == 'value' else names
 
 
 def group_of(names: tuple[str, ...]) -> str:

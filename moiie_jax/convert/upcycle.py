@@ -74,6 +74,62 @@ def _layer_location(cfg: LLMConfig, i: int) -> tuple[Path, int | None]:
   return tuple(prefix), index
 
 
+def unstack_layers(flat: Mapping[Path, np.ndarray], cfg: LLMConfig) -> tuple[list[dict[Path, np.ndarray]], dict]:
+  """A decoder's flat parameters in the layer layout of `cfg` -> (per layer {path inside the layer: array},
+  the parameters outside the layers)."""
+  source = [_layer_location(cfg, i) for i in range(cfg.num_hidden_layers)]
+  stack_sizes = {}
+  for prefix, index in source:
+    if index is not None:
+      stack_sizes[prefix] = stack_sizes.get(prefix, 0) + 1
+  remaining = dict(flat)
+  per_layer = []
+  for i, (prefix, index) in enumerate(source):
+    inside = {p[len(prefix):]: v for p, v in flat.items() if p[:len(prefix)] == prefix}
+    if not inside:
+      raise ConvertError(f'no decoder parameters under {".".join(map(str, prefix))} (layer {i})')
+    for p, v in inside.items():
+      if index is not None and (np.ndim(v) == 0 or np.shape(v)[0] != stack_sizes[prefix]):
+        raise ConvertError(f'{".".join(map(str, prefix + p))} has shape {np.shape(v)}, but the layout '
+                           f'(scan_layers={cfg.scan_layers}) stacks {stack_sizes[prefix]} layers on its leading axis; '
+                           f'is source_scan_layers right?')
+    for p in inside:
+      remaining.pop(prefix + p, None)
+    per_layer.append({p: np.asarray(v) if index is None else np.asarray(v)[index] for p, v in inside.items()})
+  return per_layer, remaining
+
+
+def stack_layers(per_layer: list[dict[Path, np.ndarray]], rest: Mapping[Path, np.ndarray],
+                 cfg: LLMConfig) -> dict[Path, np.ndarray]:
+  """The inverse of `unstack_layers`: per-layer parameters placed (stacked where scanned) in the layout of `cfg`."""
+  out = dict(rest)
+  stacks: dict[Path, dict[int, dict[Path, np.ndarray]]] = {}
+  for i, layer in enumerate(per_layer):
+    prefix, index = _layer_location(cfg, i)
+    if index is None:
+      out.update({prefix + p: v for p, v in layer.items()})
+    else:
+      stacks.setdefault(prefix, {})[index] = layer
+  for prefix, members in stacks.items():
+    if sorted(members) != list(range(len(members))):
+      raise ConvertError(f'layer_location gives stack {".".join(map(str, prefix))} the indices '
+                         f'{sorted(members)}; expected 0..{len(members) - 1}')
+    keys = members[0].keys()
+    for j, layer in members.items():
+      if layer.keys() != keys:
+        raise ConvertError(f'layers stacked under {".".join(map(str, prefix))} differ in parameters '
+                           f'(slot {j}: {sorted(set(layer.keys()) ^ set(keys))})')
+    for p in keys:
+      out[prefix + p] = np.stack([members[j][p] for j in range(len(members))])
+  return out
+
+
+def relayout(flat: Mapping[Path, np.ndarray], source: LLMConfig, target: LLMConfig) -> dict[Path, np.ndarray]:
+  """A decoder's flat parameters moved from `source`'s layer layout (looped or scanned) to `target`'s; the two
+  configs must describe the same layers (only `scan_layers` and other execution fields may differ)."""
+  return stack_layers(*unstack_layers(flat, source), target)
+
+
 def upcycle(dense_flat: Mapping[Path, np.ndarray], cfg: LLMConfig, rng: jax.Array, *,
             source_scan_layers: bool | None = None) -> dict[Path, np.ndarray]:
   """A dense decoder's flat parameters -> the flat parameters of the MoE decoder `cfg` (the MoE target config).
@@ -90,28 +146,11 @@ def upcycle(dense_flat: Mapping[Path, np.ndarray], cfg: LLMConfig, rng: jax.Arra
     raise ConvertError('upcycle: the target config has moe.variant=dense; nothing to upcycle')
   scan = cfg.scan_layers if source_scan_layers is None else source_scan_layers
   dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, variant='dense'), scan_layers=scan)
-  moe_layers = set(cfg.moe_layers)
-  remaining = dict(dense_flat)
-  source = [_layer_location(dense_cfg, i) for i in range(cfg.num_hidden_layers)]
-  stack_sizes = {}
-  for prefix, index in source:
-    if index is not None:
-      stack_sizes[prefix] = stack_sizes.get(prefix, 0) + 1
-  per_layer = []  # per layer: {path inside the layer: array}
-  for i, (prefix, index) in enumerate(source):
-    inside = {p[len(prefix):]: v for p, v in dense_flat.items() if p[:len(prefix)] == prefix}
-    if not inside:
-      raise ConvertError(f'upcycle: no dense parameters under {".".join(map(str, prefix))} (layer {i})')
-    for p, v in inside.items():
-      if index is not None and (np.ndim(v) == 0 or np.shape(v)[0] != stack_sizes[prefix]):
-        raise ConvertError(f'upcycle: {".".join(map(str, prefix + p))} has shape {np.shape(v)}, but the dense '
-                           f'layout (scan_layers={scan}) stacks {stack_sizes[prefix]} layers on its leading axis; '
-                           f'is source_scan_layers right?')
-    for p in inside:
-      remaining.pop(prefix + p, None)
-    per_layer.append({p: np.asarray(v) if index is None else np.asarray(v)[index] for p, v in inside.items()})
-
-  for i in sorted(moe_layers):
+  try:
+    per_layer, rest = unstack_layers(dense_flat, dense_cfg)
+  except ConvertError as e:
+    raise ConvertError(f'upcycle: {e}') from None
+  for i in sorted(set(cfg.moe_layers)):
     layer = per_layer[i]
     mlp = {}
     for p in [p for p in layer if p[:1] == ('mlp',)]:
@@ -126,24 +165,7 @@ def upcycle(dense_flat: Mapping[Path, np.ndarray], cfg: LLMConfig, rng: jax.Arra
     dtype = next(iter(mlp.values()))['kernel'].dtype
     for name, leaves in init_routers(cfg, jax.random.fold_in(rng, i), dtype).items():
       layer[('mlp', name, 'kernel')] = leaves['kernel']
-
-  out = dict(remaining)
-  stacks: dict[Path, dict[int, dict[Path, np.ndarray]]] = {}
-  for i, layer in enumerate(per_layer):
-    prefix, index = _layer_location(cfg, i)
-    if index is None:
-      out.update({prefix + p: v for p, v in layer.items()})
-    else:
-      stacks.setdefault(prefix, {})[index] = layer
-  for prefix, members in stacks.items():
-    if sorted(members) != list(range(len(members))):
-      raise ConvertError(f'upcycle: layer_location gives stack {".".join(map(str, prefix))} the indices '
-                         f'{sorted(members)}; expected 0..{len(members) - 1}')
-    keys = members[0].keys()
-    for j, layer in members.items():
-      if layer.keys() != keys:
-        raise ConvertError(f'upcycle: layers stacked under {".".join(map(str, prefix))} differ in parameters '
-                           f'(slot {j}: {sorted(set(layer.keys()) ^ set(keys))})')
-    for p in keys:
-      out[prefix + p] = np.stack([members[j][p] for j in range(len(members))])
-  return out
+  try:
+    return stack_layers(per_layer, rest, cfg)
+  except ConvertError as e:
+    raise ConvertError(f'upcycle: {e}') from None

@@ -9,9 +9,13 @@ Greedy unless --temperature > 0. The single-prompt mode prints only the answer o
 template (meta.json) wraps the prompt, the image going first (LLaVA's `<image>\\n{question}`); `--template none`
 tokenises the prompt exactly as given, `<image>` marking where the image goes.
 
-Batch mode reads JSONL lines {"image": path (optional, relative to --images), "prompt": text, "id": any (optional)}
-and writes one line per input, {"id", "prompt", "image", "answer"} or, for an item whose image is missing or
-unreadable or whose prompt is empty or too long, {"id", ..., "error"}; the other items go on.
+Batch mode reads JSONL lines {"image": path (optional, relative to --images), "prompt": text, "id": str or int
+(optional; default: the line number)} and appends one line per item to --out as each batch finishes,
+{"id", "prompt", "image", "answer"} or, for an item whose image is missing or unreadable or whose prompt is empty
+or too long, {"id", ..., "error"}; the other items go on. A killed run keeps the answers written so far: the same
+command again asks only the items without a line (--retry-errors also the failed ones), then rewrites --out in
+input order, one line per item. The ids key the answers, so they must be unique; OUT's stem + `.run.json` records
+the checkpoint and generation settings, and resuming with other ones is refused. A progress bar goes to stderr.
 
 Chat mode reads turns from stdin (one line each; `/image PATH` switches image and starts over, `/reset` starts
 over, `/quit` or end of input stops) and prints each answer on stdout.
@@ -44,6 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--stop', action='append', default=[], help='stop string (repeatable)')
   p.add_argument('--batch-size', type=int, default=8, help='prompts per device batch (batch mode)')
+  p.add_argument('--retry-errors', action='store_true',
+                 help='batch mode: ask again the items that failed in an earlier run into the same --out')
+  p.add_argument('--no-progress', action='store_true', help='batch mode: no progress bar')
   p.add_argument('--capacity-factor', type=float, default=0.0,
                  help='MoE expert capacity at inference: 0 = dropless (default; an answer never depends on the other '
                       'prompts of its batch); MoE-LLaVA evaluates at 2.0')
@@ -59,58 +66,104 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
-def read_batch(path: str, images_dir: str) -> list[dict]:
-  """The batch file's items: {'id', 'prompt', 'image'} (a line that is not a JSON object becomes an item with an
-  'error', so one bad line does not stop the batch)."""
+def read_batch(path: str) -> list[dict]:
+  """The batch file's items: {'id', 'prompt', 'image' (as written)} (a line that is not a JSON object becomes an
+  item with an 'error', so one bad line does not stop the batch). Two items with the same id are an error: ids
+  key the answers that a rerun resumes from."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'batch file {path!r} does not exist')
-  items = []
+  items, seen = [], {}
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
-      item = {'id': lineno}
-      try:
-        row = json.loads(line)
-        if not isinstance(row, dict):
-          raise ValueError(f'expected a JSON object, got {type(row).__name__}')
-      except ValueError as e:
-        items.append({**item, 'error': f'{path}, line {lineno}: {e}'})
-        continue
-      item['id'] = row.get('id', row.get('question_id', lineno))
-      prompt = row.get('prompt', row.get('question', row.get('text')))
-      image = row.get('image')
-      item['prompt'] = prompt
-      item['image'] = image
-      if not isinstance(prompt, str):
-        item['error'] = f'{path}, line {lineno}: field "prompt": expected a string, got {prompt!r:.60}'
-      elif image is not None and not isinstance(image, str):
-        item['error'] = f'{path}, line {lineno}: field "image": expected a path, got {image!r:.60}'
+      item = _read_item(path, lineno, line)
+      key = str(item['id'])
+      if key in seen:
+        raise ValueError(f'{path}, line {lineno}: id {item["id"]!r} is already used on line {seen[key]} (a line '
+                         f'without an "id" is keyed by its line number); ids key the answers for resuming: make '
+                         f'them unique')
+      seen[key] = lineno
       items.append(item)
   return items
 
 
+def _read_item(path: str, lineno: int, line: str) -> dict:
+  item = {'id': lineno}
+  try:
+    row = json.loads(line)
+    if not isinstance(row, dict):
+      raise ValueError(f'expected a JSON object, got {type(row).__name__}')
+  except ValueError as e:
+    return {**item, 'error': f'{path}, line {lineno}: {e}'}
+  given = row.get('id', row.get('question_id'))
+  if isinstance(given, (str, int)) and not isinstance(given, bool):
+    item['id'] = given
+  prompt = row.get('prompt', row.get('question', row.get('text')))
+  image = row.get('image')
+  item['prompt'] = prompt
+  item['image'] = image
+  if given is not None and item['id'] != given:
+    item['error'] = f'{path}, line {lineno}: field "id": expected a string or integer, got {given!r:.60}'
+  elif not isinstance(prompt, str):
+    item['error'] = f'{path}, line {lineno}: field "prompt": expected a string, got {prompt!r:.60}'
+  elif image is not None and not isinstance(image, str):
+    item['error'] = f'{path}, line {lineno}: field "image": expected a path, got {image!r:.60}'
+  return item
+
+
+def run_info_path(out: str) -> str:
+  """Where batch mode records what produced `out`: answers.jsonl -> answers.run.json."""
+  return os.path.splitext(out)[0] + '.run.json'
+
+
 def run_batch(generator, args, sampling) -> int:
+  """Answers the batch file into args.out, resuming from the answers already there (moiie_jax/infer/answers.py,
+  the mechanism `evaluate` resumes with)."""
+  from moiie_jax.infer import answers  # pylint: disable=g-import-not-at-top
   from moiie_jax.infer.generate import Prompt  # pylint: disable=g-import-not-at-top
-  items = read_batch(args.batch, args.images)
-  todo = [it for it in items if 'error' not in it]
-  prompts = [Prompt(it['prompt'], os.path.join(args.images, it['image']) if it['image'] else None) for it in todo]
-  names = [f'{args.batch}: item {it["id"]!r}' for it in todo]
-  results = generator.generate_results(prompts, args.max_new_tokens, sampling, names=names) if todo else []
-  for it, r in zip(todo, results):
-    if r.error is None:
-      it['answer'] = r.text
-    else:
-      it['error'] = r.error
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w', encoding='utf-8') as f:
+  items = read_batch(args.batch)
+  done = answers.read_answers(args.out, key='id')
+  stale = sorted(set(done) - {str(it['id']) for it in items})
+  if stale:
+    raise answers.AnswerFileError(f'{args.out}: holds answers for {len(stale)} ids not in {args.batch} (e.g. id '
+                                  f'{stale[0]!r}); write to another --out')
+  if args.retry_errors:
+    done = {k: v for k, v in done.items() if 'error' not in v}
+  run_info = {'checkpoint': os.path.abspath(args.checkpoint),
+              'template': generator.template.name if generator.template else 'none',
+              'max_new_tokens': args.max_new_tokens, 'temperature': args.temperature, 'top_p': args.top_p,
+              'top_k': args.top_k, 'seed': args.seed, 'stop': list(args.stop),
+              'capacity_factor': args.capacity_factor}
+  answers.check_run(run_info_path(args.out), run_info, resumed=bool(done), answers_path=args.out)
+  todo = [it for it in items if str(it['id']) not in done]
+
+  def prompt_of(it):
+    if 'error' in it:  # a bad line: recorded as it is, nothing to ask
+      return None, ''
+    image = os.path.join(args.images, it['image']) if it['image'] else None
+    return Prompt(it['prompt'], image), f'{args.batch}: item {it["id"]!r}'
+
+  def row_of(it, r):
+    return it if r is None else {**it, **({'answer': r.text} if r.error is None else {'error': r.error})}
+
+  new = answers.answer_in_batches(generator, todo, args.out, prompt_of=prompt_of, row_of=row_of,
+                                  max_new_tokens=args.max_new_tokens, sampling=sampling, total=len(items),
+                                  desc='generate', progress=not args.no_progress)
+  done.update((str(row['id']), row) for row in new)
+  # A rerun appends out of input order (and --retry-errors a second line per item): write the final file in input
+  # order, one line per item, through a temporary file so that a kill here loses nothing.
+  tmp = args.out + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
     for it in items:
-      f.write(json.dumps(it, ensure_ascii=False) + '\n')
-  n_err = sum('error' in it for it in items)
-  for it in items:
-    if 'error' in it:
-      print(f'error: {it["error"]}', file=sys.stderr)
-  print(f'{len(items) - n_err} answered, {n_err} errors; wrote {args.out}', file=sys.stderr)
+      f.write(json.dumps(done[str(it['id'])], ensure_ascii=False) + '\n')
+  os.replace(tmp, args.out)
+  for row in new:
+    if 'error' in row:
+      print(f'error: {row["error"]}', file=sys.stderr)
+  n_err = sum('error' in done[str(it['id'])] for it in items)
+  print(f'{len(items) - n_err} answered, {n_err} errors ({len(new)} items now, {len(items) - len(todo)} from an '
+        f'earlier run); wrote {args.out}', file=sys.stderr)
   return 0
 
 

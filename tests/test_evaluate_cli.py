@@ -99,6 +99,47 @@ def test_generate_batch_records_item_errors(workdir, capsys, tmp_path):
   assert out.strip() == by_id['ok']['answer']
 
 
+def test_generate_batch_resumes_after_a_kill(workdir, capsys, tmp_path, monkeypatch):
+  from moiie_jax.infer import generate as gen
+  batch = tmp_path / 'batch.jsonl'
+  rows = [{'id': f'q{i}', 'image': f'{i % 3}.png', 'prompt': p} for i, p in
+          enumerate(['What is in the image?', 'Is there a circle?', 'What colour?', 'Is there a square?'])]
+  batch.write_text(''.join(json.dumps(r) + '\n' for r in rows) + json.dumps({'prompt': 'Is there a red?'}) + '\n')
+  argv = ['--checkpoint', workdir / 'ckpt', '--batch', batch, '--images', workdir / 'images', '--max-new-tokens',
+          MAX_NEW, '--batch-size', 2]
+  rc, _, err = _run(generate_cli.main, argv + ['--out', tmp_path / 'full.jsonl'], capsys)
+  assert rc == 0, err
+  full = (tmp_path / 'full.jsonl').read_text()
+  # The same command killed after its first batch: that batch's answers are on disk.
+  original, asked = gen.Generator.generate_results, []
+
+  def counted(self, prompts, *a, **kw):
+    asked.append(len(prompts))
+    return original(self, prompts, *a, **kw)
+
+  def killed_after_one_batch(self, prompts, *a, **kw):
+    if asked:
+      raise KeyboardInterrupt
+    return counted(self, prompts, *a, **kw)
+
+  monkeypatch.setattr(gen.Generator, 'generate_results', killed_after_one_batch)
+  out = tmp_path / 'answers.jsonl'
+  with pytest.raises(KeyboardInterrupt):
+    _run(generate_cli.main, argv + ['--out', out], capsys)
+  kept = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['id'] for r in kept] == ['q0', 'q1'] and all('answer' in r for r in kept)
+  # Rerun: only the other 3 items are asked, and the file ends as an uninterrupted run's, in input order.
+  monkeypatch.setattr(gen.Generator, 'generate_results', counted)
+  rc, _, err = _run(generate_cli.main, argv + ['--out', out], capsys)
+  assert rc == 0, err
+  assert asked == [2, 2, 1] and '2 from an earlier run' in err
+  assert out.read_text() == full
+  assert [json.loads(line)['id'] for line in full.splitlines()] == ['q0', 'q1', 'q2', 'q3', 5]
+  # Resuming with other generation settings would mix two runs: refused.
+  rc, _, err = _run(generate_cli.main, argv + ['--out', out, '--temperature', '0.7'], capsys)
+  assert rc == 2 and 'different run' in err and 'temperature' in err
+
+
 def test_generate_chat(workdir, capsys, monkeypatch):
   rc, out, err = _run(generate_cli.main, ['--checkpoint', workdir / 'ckpt', '--image', workdir / 'images' / '1.png',
                                           '--chat', '--max-new-tokens', 2], capsys,
@@ -125,9 +166,11 @@ def test_evaluate_resumes(workdir, capsys, tmp_path):
   rc, stdout, err = _evaluate(workdir, out, capsys)
   assert rc == 0, err
   scores = json.loads(stdout)
-  assert (scores['n_new'], scores['n_resumed'], scores['n_errors']) == (2, 2, 1)
+  assert (scores['n_new'], scores['n_resumed'], scores['n_failed']) == (2, 2, 1)
   assert 'missing.png' in scores['errors']['3']
-  assert scores['n'] == 4 and 'f1' in json.dumps(scores).lower()
+  # The unanswerable item (missing image) is left out of the metric, not scored as an answer.
+  assert scores['n'] == 4 and scores['splits']['random']['n'] == 3 and scores['splits']['random']['n_failed'] == 1
+  assert scores['f1'] == scores['splits']['random']['f1']
   first = preds.read_text()
   assert len(first.splitlines()) == 4
   rc, stdout, err = _evaluate(workdir, out, capsys)

@@ -94,6 +94,23 @@ def test_pope_benchmark_per_split(tmp_path, image_dir):
   assert image == os.path.join(image_dir, 'a.jpg')
 
 
+def test_pope_failed_item_is_excluded_and_counted(tmp_path, image_dir):
+  # An item that could not be answered (None) must not score as eval_pope.py's reading of '' ('yes').
+  rows = [{'question_id': i, 'image': 'a.jpg', 'text': 'Is there a dog?', 'label': label, 'category': 'random'}
+          for i, label in enumerate(['yes', 'no', 'no'])]
+  bench = benchmarks.get_benchmark('pope')
+  items = bench.load(_write_jsonl(tmp_path / 'pope.jsonl', rows), image_dir)
+  scores = bench.score(items, {'0': 'Yes', '1': 'No', '2': None})
+  assert scores['n'] == 3 and scores['n_failed'] == 1
+  split = scores['splits']['random']
+  assert (split['n'], split['n_failed'], split['TP'], split['TN'], split['FP']) == (2, 1, 1, 1, 0)
+  assert split['accuracy'] == pytest.approx(100.0) and scores['f1'] == pytest.approx(100.0)
+  paths = bench.write_predictions(items, {'0': 'Yes', '1': 'No', '2': None}, str(tmp_path / 'out'))
+  with open(paths[0]) as f:
+    answers = [json.loads(line) for line in f]
+  assert answers[2]['text'] == '' and answers[2]['failed'] and 'failed' not in answers[0]
+
+
 # --- MME ---------------------------------------------------------------------------------------------------------
 
 
@@ -123,6 +140,48 @@ def test_mme_prompt_removes_its_yes_no_line(tmp_path, image_dir):
   assert items[0].category == 'existence'
   assert bench.prompt(items[0])[0] == ('<image>\nIs there a dog in this image?\n'
                                        'Answer the question using a single word or phrase.')
+
+
+def test_mme_questions_sharing_an_id_are_both_scored(tmp_path):
+  # MME_Benchmark_release_version's layouts: '<subtask>/images/' + 'questions_answers_YN/', or both in '<subtask>/'.
+  root = tmp_path / 'MME_Benchmark_release_version'
+  (root / 'artwork' / 'images').mkdir(parents=True)
+  (root / 'artwork' / 'questions_answers_YN').mkdir()
+  (root / 'existence').mkdir()
+  (root / 'artwork' / 'images' / '10002.jpg').write_bytes(b'\xff\xd8')
+  (root / 'artwork' / 'questions_answers_YN' / '10002.txt').write_text(
+      'Is this artwork created by Monet? Please answer yes or no.\tYes\n'
+      'Is this artwork created by Dali? Please answer yes or no.\tNo\n')
+  (root / 'existence' / '006040.jpg').write_bytes(b'\xff\xd8')
+  # LLaVA's llava_mme.jsonl: no answers (read from the files above), question_id shared by an image's questions.
+  llava = [{'question_id': 'artwork/10002.jpg', 'image': 'artwork/images/10002.jpg', 'category': 'default',
+            'text': f'Is this artwork created by {who}? Please answer yes or no.\n'
+                    'Answer the question using a single word or phrase.'} for who in ('Monet', 'Dali')]
+  # lmms-lab/MME exported to JSONL: question / answer / category, the same question_id for both questions.
+  lmms = [{'question_id': 'existence/006040.jpg', 'image': 'existence/006040.jpg', 'category': 'existence',
+           'question': f'Is there a {what} in this image? Please answer yes or no.', 'answer': truth}
+          for what, truth in (('dog', 'Yes'), ('cat', 'No'))]
+  bench = benchmarks.get_benchmark('mme')
+  items = bench.load(_write_jsonl(tmp_path / 'mme.jsonl', llava + lmms), str(root))
+  assert [it.key for it in items] == ['artwork/10002.jpg', 'artwork/10002.jpg#1', 'existence/006040.jpg',
+                                      'existence/006040.jpg#1']
+  assert [it.answer for it in items] == ['Yes', 'No', 'Yes', 'No']
+  assert [it.category for it in items] == ['artwork', 'artwork', 'existence', 'existence']
+  scores = bench.score(items, {items[0].key: 'Yes', items[1].key: 'Yes', items[2].key: 'Yes', items[3].key: 'No'})
+  assert scores['subtasks']['artwork']['n_questions'] == 2 and scores['subtasks']['artwork']['acc'] == 0.5
+  assert scores['subtasks']['artwork']['acc_plus'] == 0.0
+  assert scores['subtasks']['existence']['score'] == pytest.approx(200.0)
+  # A failed question is left out of acc and its image out of acc+.
+  scores = bench.score(items, {items[0].key: 'Yes', items[1].key: None, items[2].key: 'Yes', items[3].key: 'No'})
+  assert scores['n_failed'] == 1 and scores['subtasks']['artwork']['acc'] == 1.0
+  assert scores['subtasks']['artwork']['score'] is None and 'artwork' in scores['missing_subtasks']
+  assert scores['perception'] == pytest.approx(200.0)
+  # The same question twice under one id is still refused, and a missing ground truth is named.
+  with pytest.raises(benchmarks.BenchmarkDataError, match='line 3: .*same question already on line 1'):
+    bench.load(_write_jsonl(tmp_path / 'dup.jsonl', lmms + lmms[:1]), str(root))
+  no_truth = [dict(lmms[0], answer=None)]
+  with pytest.raises(benchmarks.BenchmarkDataError, match=r'no field "answer".*existence/006040\.txt'):
+    bench.load(_write_jsonl(tmp_path / 'no_truth.jsonl', no_truth), str(root))
 
 
 # --- Multiple choice ---------------------------------------------------------------------------------------------
@@ -174,6 +233,27 @@ def test_scienceqa_prompt_and_img_only(tmp_path, image_dir):
   assert bench.prompt(items[0])[0] == ('<image>\nContext: Whales breathe air.\nWhich is a mammal?\nA. frog\n'
                                        "B. whale\nAnswer with the option's letter from the given choices directly.")
   assert bench.score(items, ['The answer is B.'])['accuracy'] == 100.0
+
+
+def test_failed_items_are_excluded_and_counted_in_every_benchmark(tmp_path, image_dir):
+  # A failed item (None) is neither right nor wrong: each metric is the one of the answered items alone.
+  vqa = [{'question_id': i, 'image': 'a.jpg', 'question': 'What?', 'answers': ['dog'] * 10} for i in range(2)]
+  mc = [{'question_id': i, 'image': 'a.jpg', 'question': 'Which?', 'options': ['cat', 'dog'], 'answer': 'B'}
+        for i in range(2)]
+  mmb = [{'index': i, 'image': 'a.jpg', 'question': 'Which?', 'A': 'cat', 'B': 'dog', 'answer': 'B'}
+         for i in range(2)]
+  mmmu = [{'id': f'validation_Art_{i}', 'image': 'a.jpg', 'question': 'Which?', 'options': ['cat', 'dog'],
+           'answer': 'B', 'question_type': 'multiple-choice'} for i in range(2)]
+  for name, rows, right in [('vqav2', vqa, 'dog'), ('gqa', [dict(r, answer='dog') for r in vqa], 'dog'),
+                            ('ai2d', mc, 'B'), ('seed_image', mc, 'B'), ('mmbench', mmb, None), ('mmmu', mmmu, 'B')]:
+    bench = benchmarks.get_benchmark(name)
+    items = bench.load(_write_jsonl(tmp_path / f'{name}.jsonl', rows), image_dir)
+    # Item 0 answered right (every round for MMBench), everything of question 1 failed.
+    preds = {it.key: (None if it.question_id == 1 else right or it.answer) for it in items}
+    scores = bench.score(items, preds)
+    assert scores['n_failed'] == sum(it.question_id == 1 for it in items), name
+    assert scores['accuracy'] == pytest.approx(100.0), (name, scores)
+    bench.write_predictions(items, preds, str(tmp_path / name))  # failed items written as empty answers
 
 
 # --- MMMU --------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 Evaluation answers greedily in batches, appending answers to OUT/<name>_predictions.jsonl as it goes (a rerun
 skips answered items), then writes OUT/<name>_scores.json, OUT/<name>_answers.jsonl and the server-format files,
 and prints the scores as JSON on stdout. An item whose image is missing or unreadable, or whose prompt does not
-fit the context, is recorded with its error and scored as unanswered; the run goes on.
+fit the context, is recorded with its error, left out of the metric and counted in the scores' `n_failed`; the run
+goes on (--retry-errors asks those items again).
 
 `routing` runs the forward pass over the data (prompt + reference answer when given) and writes OUT/routing.json
 and OUT/routing_*.png: per MoE layer and modality, the share of top-k slots and routing weight per expert group.
@@ -25,7 +26,7 @@ import sys
 
 def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument('--checkpoint', required=True, help='converted checkpoint folder (python -m moiie_jax.convert)')
-  p.add_argument('--data', required=True, help='data file (JSONL; see moiie_jax/evaluate/benchmarks.py)')
+  p.add_argument('--data', required=True, help='data file (JSONL; the formats are listed at the end of --help)')
   p.add_argument('--images', default='', help='folder the data file\'s image paths are relative to')
   p.add_argument('--out', required=True, help='output folder')
   p.add_argument('--batch-size', type=int, default=8)
@@ -39,8 +40,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  from moiie_jax.evaluate.benchmarks import BENCHMARKS  # pylint: disable=g-import-not-at-top
-  names = ', '.join(sorted(BENCHMARKS))
+  from moiie_jax.evaluate import benchmarks  # pylint: disable=g-import-not-at-top
+  names = ', '.join(sorted(benchmarks.BENCHMARKS))
   if argv[:1] == ['routing']:
     p = argparse.ArgumentParser(prog='python -m moiie_jax.evaluate routing',
                                 description='Routing statistics (token pathways) of an MoE checkpoint.')
@@ -49,15 +50,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv[1:])
     args.command = 'routing'
   else:
-    p = argparse.ArgumentParser(prog='python -m moiie_jax.evaluate', description=__doc__.split('\n')[0],
-                                epilog='Subcommand: `routing` (python -m moiie_jax.evaluate routing --help).')
+    # The data formats live in benchmarks.py's docstring, next to the loaders that read them.
+    formats = benchmarks.__doc__[benchmarks.__doc__.index('Data files are JSONL'):]
+    p = argparse.ArgumentParser(prog='python -m moiie_jax.evaluate', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f'{formats}\nSubcommand: `routing` (python -m moiie_jax.evaluate routing '
+                                       f'--help).')
     _common(p)
     p.add_argument('--benchmark', required=True, help=f'one of: {names}')
     p.add_argument('--max-new-tokens', type=int, default=128)
     p.add_argument('--retry-errors', action='store_true', help='ask again the items that failed in an earlier run')
     args = p.parse_args(argv)
     args.command = 'evaluate'
-  if args.benchmark is not None and args.benchmark not in BENCHMARKS:
+  if args.benchmark is not None and args.benchmark not in benchmarks.BENCHMARKS:
     p.error(f'unknown benchmark {args.benchmark!r}; known benchmarks: {names}')
   if args.batch_size < 1:
     p.error(f'--batch-size={args.batch_size}: expected >= 1')

@@ -5,31 +5,45 @@
     text, image = bench.prompt(items[0])                 # '<image>\\nIs there a dog ...?\\nAnswer the question ...'
     scores = bench.evaluate(items, predictions, out_dir) # score + write_predictions + '<name>_scores.json'
 
-`predictions` is a list of raw model answers aligned with `items`, or a mapping from `Item.key` to the answer.
+`predictions` is a list of raw model answers aligned with `items`, or a mapping from `Item.key` to the answer. An
+answer None marks an item that failed (missing or unreadable image, prompt too long): every metric leaves it out
+and the scores count it in `n_failed`, so a failure never scores as an answer.
 
 Data files are JSONL, one question per line, mirroring the LLaVA evaluation question files (`question_id`, `image`,
 `text`) plus the ground truth. On every line:
-  question_id  int | str, unique in the file (aliases: MMBench `index`, MMMU `id`)
-  image        str, path relative to `images_dir` (or absolute); optional only for ScienceQA and MMMU
+  question_id  int | str, unique in the file (aliases: MMBench `index`, MMMU `id`); MME's two questions of an
+               image may share it (as in LLaVA's and lmms-lab's MME files)
+  image        str, path relative to --images (or absolute); optional only for ScienceQA and MMMU
   question     str (alias `text`; an instruction LLaVA's question files append, e.g. 'Answer the question using a
                single word or phrase.', and a leading '<image>' line are stripped, so those files load as they are)
-Per benchmark, in addition (`?` = optional):
+Per benchmark, the fields in addition (`?` = optional), then how the model's answer is read (-> ...):
   vqav2          answers?: list[str] (the 10 human answers, or VQA-style [{"answer": ...}]; none on test-dev)
-  gqa            answer?: str
-  textvqa        answers?: list[str] (10), ocr_tokens?: list[str]
-  pope           label: 'yes' | 'no', category: str (the split: 'random' | 'popular' | 'adversarial')
-  mme            answer: 'Yes' | 'No', category: one of the 14 MME subtasks ('existence', ..., 'code_reasoning');
-                 without it, the subtask is taken from a question_id 'subtask/image' as in LLaVA's llava_mme.jsonl
+                 -> a word or phrase, VQA accuracy after the EvalAI normalisation
+  gqa            answer?: str -> a word or phrase, exact match after normalisation
+  textvqa        answers?: list[str] (10), ocr_tokens?: list[str] -> a word or phrase, VQA accuracy
+  pope           label: 'yes' | 'no' (alias answer), category: str (the split: 'random' | 'popular' |
+                 'adversarial') -> 'no' if 'no'/'not' is a word of its first sentence, else 'yes'; F1, accuracy,
+                 precision, recall, yes-ratio per split
+  mme            answer: 'Yes' | 'No' (alias label), category: one of the 14 MME subtasks ('existence', ...,
+                 'code_reasoning'); without it (or 'default'), the subtask is the first part of a question_id
+                 'subtask/image'. LLaVA's llava_mme.jsonl loads as it is: it has no answers, which are then read
+                 from MME_Benchmark_release_version's '<subtask>/[questions_answers_YN/]<image>.txt' files next to
+                 the images (pass that folder as --images). lmms-lab/MME rows (question_id, question, answer,
+                 category) load once exported to JSONL with `image` a path to the saved image file
+                 -> 'yes'/'no' from the answer's start; acc and acc+ per subtask, perception and cognition sums
   mmbench        A, B, C, D (E?): str (MMBench TSV columns; or options: list[str]), answer?: letter, hint?: str,
-                 category?: str, l2-category?: str
+                 category?: str, l2-category?: str -> an option letter (or an option's text); CircularEval accuracy
   seed_image     options: list[str] (or choice_a..choice_d), answer: letter, category?: str (question type)
+                 -> an option letter; accuracy per question type
   scienceqa_img  choices: list[str] (alias options), answer: int index or letter, hint?: str (the context),
-                 subject?: str; questions without an image are skipped (the IMG subset)
-  ai2d           options: list[str], answer: int index or letter
+                 subject?: str; questions without an image are skipped (the IMG subset) -> an option letter
+  ai2d           options: list[str], answer: int index or letter -> an option letter
   mmmu           options: list[str] (or its Python repr, as the HF dataset stores it), question_type:
                  'multiple-choice' | 'open', answer: str | list[str] (letter for multiple choice), subject?: str
-                 (else taken from ids like 'validation_Art_12'); image = the question's image_1
-A malformed line raises BenchmarkDataError naming the file, the line and the field.
+                 (else taken from ids like 'validation_Art_12'); image = the question's image_1 -> a letter
+                 (multiple choice) or a word, phrase or number (open), parsed as MMMU's eval_utils
+A malformed line raises BenchmarkDataError naming the file, the line and the field. The server-format files carry
+an empty answer for a failed item: rerun with --retry-errors before submitting them.
 """
 
 from __future__ import annotations
@@ -156,7 +170,9 @@ def _answer_letter(row: _Row, n_options: int, required: bool = True) -> str | No
   return letter
 
 
-def _as_texts(items: Sequence[Item], predictions: Sequence[str] | Mapping[str, str]) -> list[str]:
+def _as_texts(items: Sequence[Item], predictions: Sequence[str | None] | Mapping[str, str | None]
+              ) -> list[str | None]:
+  """The answers aligned with `items`; None where the item failed."""
   if isinstance(predictions, Mapping):
     missing = [it.key for it in items if it.key not in predictions]
     if missing:
@@ -166,10 +182,16 @@ def _as_texts(items: Sequence[Item], predictions: Sequence[str] | Mapping[str, s
     texts = list(predictions)
     if len(texts) != len(items):
       raise ValueError(f'{len(texts)} predictions for {len(items)} items')
-  bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+  bad = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
   if bad:
-    raise TypeError(f'prediction {bad[0]} is {type(texts[bad[0]]).__name__}, expected the model\'s answer text')
+    raise TypeError(f'prediction {bad[0]} is {type(texts[bad[0]]).__name__}, expected the model\'s answer text '
+                    f'(or None: the item failed)')
   return texts
+
+
+def _counts(items: Sequence[Item], texts: Sequence[str | None]) -> dict:
+  """n (items) and n_failed (items without an answer, left out of the metric)."""
+  return {'n': len(items), 'n_failed': sum(t is None for t in texts)}
 
 
 def _pct(x: float) -> float:
@@ -188,10 +210,13 @@ class Benchmark:
   name = ''
   description = ''
   image_optional = False
+  # MME: the two questions of an image share its question_id (LLaVA's and lmms-lab's files); the second gets the
+  # key 'question_id#1', so that both are answered and scored.
+  shared_question_ids = False
 
   def load(self, data_file: str, images_dir: str, check_images: bool = True) -> list[Item]:
     """Reads and validates `data_file`; image paths are resolved against `images_dir` and checked to exist."""
-    items, seen = [], {}
+    items, seen, asked, uses = [], {}, {}, {}
     for row in read_jsonl(data_file):
       image = row.get('image', types=str, required=not self.image_optional) or None
       if image is None and not self.image_optional:
@@ -201,6 +226,13 @@ class Benchmark:
         if check_images and not os.path.isfile(image):
           raise row.error(f'image {image!r} does not exist (field "image" is relative to images_dir={images_dir!r})')
       for item in self._parse(row, image):
+        if self.shared_question_ids:
+          if (item.key, item.question) in asked:
+            raise row.error(f'question_id {item.question_id!r} with the same question already on line '
+                            f'{asked[item.key, item.question]}')
+          asked[item.key, item.question] = row.lineno
+          n = uses[item.key] = uses.get(item.key, -1) + 1
+          item = dataclasses.replace(item, key=f'{item.key}#{n}' if n else item.key)
         if item.key in seen:
           raise row.error(f'question_id {item.question_id!r} already used on line {seen[item.key]}')
         seen[item.key] = row.lineno
@@ -230,14 +262,17 @@ class Benchmark:
   def write_predictions(self, items: Sequence[Item], predictions: Sequence[str] | Mapping[str, str],
                         out_dir: str) -> list[str]:
     """Writes '<name>_answers.jsonl' (LLaVA answer-file fields) and the official server's format, if any."""
-    texts = _as_texts(items, predictions)
+    answers = _as_texts(items, predictions)
+    texts = ['' if t is None else t for t in answers]  # the server files need a line per question
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f'{self.name}_answers.jsonl')
     with open(path, 'w', encoding='utf-8') as f:
-      for item, text in zip(items, texts):
-        row = {'question_id': item.question_id, 'prompt': self.prompt(item)[0], 'text': text}
+      for item, answer in zip(items, answers):
+        row = {'question_id': item.question_id, 'prompt': self.prompt(item)[0], 'text': answer or ''}
         if 'round_id' in item.extra:
           row['round_id'] = item.extra['round_id']
+        if answer is None:
+          row['failed'] = True
         f.write(json.dumps(row, ensure_ascii=False) + '\n')
     return [path] + self._server_files(items, texts, out_dir)
 
@@ -264,13 +299,15 @@ class VQAv2(Benchmark):
 
   def score(self, items, predictions):
     texts = _as_texts(items, predictions)
-    scored = [(t, it.answer) for it, t in zip(items, texts) if it.answer]
-    if not scored:
-      return {'benchmark': self.name, 'n': len(items), 'accuracy': None,
+    counts = _counts(items, texts)
+    if not any(it.answer for it in items):
+      return {'benchmark': self.name, **counts, 'accuracy': None,
               'note': 'no ground-truth answers in the data: submit the server file'}
+    scored = [(t, it.answer) for it, t in zip(items, texts) if it.answer and t is not None]
     answers = [a if isinstance(a, list) else [a] for _, a in scored]
     acc = [metrics.vqa_accuracy(t, a) for (t, _), a in zip(scored, answers)]
-    return {'benchmark': self.name, 'n': len(items), 'n_scored': len(acc), 'accuracy': _pct(sum(acc) / len(acc))}
+    return {'benchmark': self.name, **counts, 'n_scored': len(acc),
+            'accuracy': _pct(sum(acc) / len(acc)) if acc else None}
 
   def _server_files(self, items, texts, out_dir):
     rows = [{'question_id': it.question_id, 'answer': metrics.normalize_vqa_answer(t)} for it, t in zip(items, texts)]
@@ -287,7 +324,7 @@ class GQA(VQAv2):
     scores = super().score(items, predictions)
     texts = _as_texts(items, predictions)
     # LLaVA's convert_gqa_for_eval.py + GQA's eval.py: prediction.rstrip('.').lower() == answer.
-    plain = [t.rstrip('.').lower() == it.answer for it, t in zip(items, texts) if it.answer]
+    plain = [t.rstrip('.').lower() == it.answer for it, t in zip(items, texts) if it.answer and t is not None]
     if plain:
       scores['accuracy_gqa_eval'] = _pct(sum(plain) / len(plain))
     return scores
@@ -327,21 +364,50 @@ class POPE(Benchmark):
 
   def score(self, items, predictions):
     texts = _as_texts(items, predictions)
-    splits = defaultdict(lambda: ([], []))
+    splits = defaultdict(lambda: ([], [], [0]))
     for it, t in zip(items, texts):
-      splits[it.category][0].append(t)
-      splits[it.category][1].append(it.answer)
+      preds, labels, failed = splits[it.category]
+      if t is None:  # no answer: eval_pope.py would read '' as 'yes'; it is left out and counted instead
+        failed[0] += 1
+        continue
+      preds.append(t)
+      labels.append(it.answer)
     per_split = {}
-    for split, (preds, labels) in sorted(splits.items()):
-      m = metrics.pope_metrics(preds, labels)
-      per_split[split] = {k: (_pct(v) if isinstance(v, float) else v) for k, v in m.items()}
-    mean = {k: sum(s[k] for s in per_split.values()) / len(per_split)
+    for split, (preds, labels, failed) in sorted(splits.items()):
+      m = metrics.pope_metrics(preds, labels) if preds else {'n': 0}
+      per_split[split] = {**{k: (_pct(v) if isinstance(v, float) else v) for k, v in m.items()}, 'n_failed': failed[0]}
+    scored = [s for s in per_split.values() if s['n']]
+    mean = {k: sum(s[k] for s in scored) / len(scored) if scored else None
             for k in ('f1', 'accuracy', 'precision', 'recall', 'yes_ratio')}
-    return {'benchmark': self.name, 'n': len(items), 'f1': mean['f1'], 'mean': mean, 'splits': per_split}
+    return {'benchmark': self.name, **_counts(items, texts), 'f1': mean['f1'], 'mean': mean, 'splits': per_split}
+
+
+def _mme_truth(row: _Row, image: str | None, question: str) -> str:
+  """The ground truth MME's own files give when the question file has none (LLaVA's llava_mme.jsonl), found as
+  LLaVA's convert_answer_to_mme.py finds it: '<subtask>/questions_answers_YN/<stem>.txt' for a subtask whose
+  images are in '<subtask>/images/', else '<subtask>/<stem>.txt'; lines 'question<TAB>Yes|No'."""
+  candidates = []
+  if image is not None:
+    folder, name = os.path.split(image)
+    stem = os.path.splitext(name)[0] + '.txt'
+    if os.path.basename(folder) == 'images':
+      candidates.append(os.path.join(os.path.dirname(folder), 'questions_answers_YN', stem))
+    candidates.append(os.path.join(folder, stem))
+  for path in candidates:
+    if os.path.isfile(path):
+      with open(path, encoding='utf-8') as f:
+        for line in f:
+          text, _, answer = line.strip().partition('\t')
+          if prompts.strip_instruction(text) == question and answer.strip():
+            return answer
+      raise row.error(f'no field "answer", and {path} has no line for the question {question!r}')
+  raise row.error(f'no field "answer" (or "label"), and no MME ground-truth file {" or ".join(candidates)}: for '
+                  f'LLaVA\'s llava_mme.jsonl, pass the MME_Benchmark_release_version folder as the images folder')
 
 
 class MME(Benchmark):
   name, description = 'mme', 'MME (perception and cognition scores; acc and acc+ per subtask)'
+  shared_question_ids = True
 
   def _parse(self, row, image):
     category = row.get('category', types=str, required=False)
@@ -351,7 +417,10 @@ class MME(Benchmark):
     if category not in metrics.MME_PERCEPTION + metrics.MME_COGNITION:
       raise row.error(f'field "category": {category!r} is not an MME subtask '
                       f'{list(metrics.MME_PERCEPTION + metrics.MME_COGNITION)}')
-    answer = row.get('answer', 'label', types=str).strip()
+    answer = row.get('answer', 'label', types=str, required=False)
+    if answer is None:
+      answer = _mme_truth(row, image, row.question())
+    answer = answer.strip()
     if answer.lower() not in ('yes', 'no'):
       raise row.error(f'field "answer": expected "Yes" or "No", got {answer!r}')
     return [self._item(row, image, answer=answer, category=category)]
@@ -362,7 +431,7 @@ class MME(Benchmark):
   def score(self, items, predictions):
     texts = _as_texts(items, predictions)
     records = [(it.category, it.image or str(it.question_id), it.answer, t) for it, t in zip(items, texts)]
-    return {'benchmark': self.name, 'n': len(items), **metrics.mme_scores(records)}
+    return {'benchmark': self.name, **_counts(items, texts), **metrics.mme_scores(records)}
 
   def _server_files(self, items, texts, out_dir):
     # MME's eval_tool input: one '<subtask>.txt' per subtask, 'image<TAB>question<TAB>truth<TAB>answer' lines.
@@ -397,23 +466,30 @@ class MultipleChoice(Benchmark):
   def _text(self, item):
     return prompts.multiple_choice(item.question, item.options)
 
-  def _correct(self, items, texts) -> list[tuple[Item, bool, str | None]]:
+  def _correct(self, items, texts) -> list[tuple[Item, bool | None, str | None]]:
+    """(item, right?, letter read) per item with ground truth; right? is None for a failed item (no answer)."""
     out = []
     for it, t in zip(items, texts):
-      choice = metrics.extract_choice(t, it.options)
-      out.append((it, choice is not None and choice == it.answer, choice))
+      if it.answer is None:
+        continue
+      choice = None if t is None else metrics.extract_choice(t, it.options)
+      out.append((it, None if t is None else choice is not None and choice == it.answer, choice))
     return out
 
   def score(self, items, predictions):
-    graded = [g for g in self._correct(items, _as_texts(items, predictions)) if g[0].answer is not None]
+    texts = _as_texts(items, predictions)
+    counts = _counts(items, texts)
+    graded = self._correct(items, texts)
     if not graded:
-      return {'benchmark': self.name, 'n': len(items), 'accuracy': None, 'note': 'no ground-truth answers'}
+      return {'benchmark': self.name, **counts, 'accuracy': None, 'note': 'no ground-truth answers'}
+    answered = [g for g in graded if g[1] is not None]
     per_category = defaultdict(list)
-    for it, ok, _ in graded:
+    for it, ok, _ in answered:
       if it.category is not None:
         per_category[it.category].append(ok)
-    return {'benchmark': self.name, 'n': len(items), 'accuracy': _pct(sum(ok for _, ok, _ in graded) / len(graded)),
-            'n_unparsed': sum(choice is None for _, _, choice in graded),
+    return {'benchmark': self.name, **counts,
+            'accuracy': _pct(sum(ok for _, ok, _ in answered) / len(answered)) if answered else None,
+            'n_unparsed': sum(choice is None for _, _, choice in answered),
             'categories': {c: _pct(sum(v) / len(v)) for c, v in sorted(per_category.items())}}
 
 
@@ -483,23 +559,28 @@ class MMBench(MultipleChoice):
     return prompts.multiple_choice(item.question, item.options, hint=item.extra['hint'])
 
   def score(self, items, predictions):
-    graded = [g for g in self._correct(items, _as_texts(items, predictions)) if g[0].answer is not None]
+    texts = _as_texts(items, predictions)
+    counts = _counts(items, texts)
+    graded = self._correct(items, texts)
     if not graded:
-      return {'benchmark': self.name, 'n': len(items), 'accuracy': None,
+      return {'benchmark': self.name, **counts, 'accuracy': None,
               'note': 'no ground-truth answers (test split): submit the TSV to the MMBench server'}
     groups, categories = defaultdict(list), {}
     for it, ok, _ in graded:
       groups[it.question_id].append(ok)
       categories[it.question_id] = it.category
+    # CircularEval needs every round: a question with a failed round cannot be judged and is left out.
+    judged = {qid: oks for qid, oks in groups.items() if None not in oks}
     per_category = defaultdict(dict)
-    for qid, oks in groups.items():
+    for qid, oks in judged.items():
       if categories[qid] is not None:
         per_category[categories[qid]][qid] = oks
-    single = [ok for it, ok, _ in graded if it.extra['round_id'] == 0]
-    return {'benchmark': self.name, 'n': len(items), 'n_questions': len(groups),
-            'accuracy': _pct(metrics.circular_accuracy(groups)), 'circular': self.circular,
+    single = [ok for it, ok, _ in graded if it.extra['round_id'] == 0 and ok is not None]
+    return {'benchmark': self.name, **counts, 'n_questions': len(groups),
+            'n_failed_questions': len(groups) - len(judged),
+            'accuracy': _pct(metrics.circular_accuracy(judged)) if judged else None, 'circular': self.circular,
             'accuracy_single_pass': _pct(sum(single) / len(single)) if single else None,
-            'n_unparsed': sum(choice is None for _, _, choice in graded),
+            'n_unparsed': sum(choice is None for _, ok, choice in graded if ok is not None),
             'categories': {c: _pct(metrics.circular_accuracy(g)) for c, g in sorted(per_category.items())}}
 
   def _server_files(self, items, texts, out_dir):
@@ -563,6 +644,9 @@ class MMMU(Benchmark):
 
   def score(self, items, predictions):
     texts = _as_texts(items, predictions)
+    counts = _counts(items, texts)
+    answered = [(it, t) for it, t in zip(items, texts) if t is not None]
+    items, texts = [it for it, _ in answered], [t for _, t in answered]
     per_subject = defaultdict(list)
     oks = []
     for it, parsed in zip(items, self._parsed(items, texts)):
@@ -572,7 +656,7 @@ class MMMU(Benchmark):
         ok = metrics.mmmu_eval_open(it.answer, parsed)
       oks.append(ok)
       per_subject[it.category or 'unknown'].append(ok)
-    return {'benchmark': self.name, 'n': len(items), 'accuracy': _pct(sum(oks) / len(oks)),
+    return {'benchmark': self.name, **counts, 'accuracy': _pct(sum(oks) / len(oks)) if oks else None,
             'subjects': {s: {'n': len(v), 'accuracy': _pct(sum(v) / len(v))} for s, v in sorted(per_subject.items())}}
 
   def _server_files(self, items, texts, out_dir):

@@ -157,33 +157,39 @@ def mme_parse(text: str) -> str:
   return 'other'
 
 
-def mme_scores(records: Iterable[tuple[str, str, str, str]]) -> dict:
+def mme_scores(records: Iterable[tuple[str, str, str, str | None]]) -> dict:
   """MME scores from (subtask, image, ground truth 'Yes'/'No', raw answer) records.
 
   Per subtask: acc = share of questions right ('other' is wrong), acc_plus = share of images whose questions (two
   per image) are all right, score = 100 * acc + 100 * acc_plus. perception / cognition = sums over the 10 / 4
-  subtasks present; `missing_subtasks` lists the absent ones.
+  subtasks present; `missing_subtasks` lists the absent ones. A record whose answer is None (the item failed: no
+  answer) is left out of acc, its image out of acc_plus, and counted in `n_failed`; a subtask left with nothing to
+  score has score None and counts as missing.
   """
-  per_task: dict[str, dict[str, list[bool]]] = {}
+  per_task: dict[str, dict[str, list[bool | None]]] = {}
   for task, image, gt, pred in records:
     if task not in MME_PERCEPTION + MME_COGNITION:
       raise ValueError(f'MME subtask {task!r}: expected one of {list(MME_PERCEPTION + MME_COGNITION)}')
     gt = gt.strip().lower()
     if gt not in ('yes', 'no'):
       raise ValueError(f'MME ground truth {gt!r} for {task}/{image}: expected Yes or No')
-    per_task.setdefault(task, {}).setdefault(image, []).append(mme_parse(pred) == gt)
+    per_task.setdefault(task, {}).setdefault(image, []).append(None if pred is None else mme_parse(pred) == gt)
   subtasks = {}
   for task, images in per_task.items():
-    flat = [c for answers in images.values() for c in answers]
-    acc = sum(flat) / len(flat)
-    acc_plus = sum(all(answers) for answers in images.values()) / len(images)
-    subtasks[task] = {'acc': acc, 'acc_plus': acc_plus, 'score': 100 * acc + 100 * acc_plus,
-                      'n_questions': len(flat), 'n_images': len(images),
+    flat = [c for answers in images.values() for c in answers if c is not None]
+    complete = [answers for answers in images.values() if None not in answers]
+    acc = sum(flat) / len(flat) if flat else None
+    acc_plus = sum(all(answers) for answers in complete) / len(complete) if complete else None
+    subtasks[task] = {'acc': acc, 'acc_plus': acc_plus,
+                      'score': None if acc is None or acc_plus is None else 100 * acc + 100 * acc_plus,
+                      'n_questions': len(flat), 'n_images': len(complete),
+                      'n_failed': sum(c is None for answers in images.values() for c in answers),
                       'n_unpaired_images': sum(len(a) != 2 for a in images.values())}
-  return {'perception': sum(subtasks[t]['score'] for t in MME_PERCEPTION if t in subtasks),
-          'cognition': sum(subtasks[t]['score'] for t in MME_COGNITION if t in subtasks),
-          'subtasks': subtasks,
-          'missing_subtasks': [t for t in MME_PERCEPTION + MME_COGNITION if t not in subtasks]}
+  scored = {t for t, v in subtasks.items() if v['score'] is not None}
+  return {'perception': sum(subtasks[t]['score'] for t in MME_PERCEPTION if t in scored),
+          'cognition': sum(subtasks[t]['score'] for t in MME_COGNITION if t in scored),
+          'subtasks': subtasks, 'n_failed': sum(v['n_failed'] for v in subtasks.values()),
+          'missing_subtasks': [t for t in MME_PERCEPTION + MME_COGNITION if t not in scored]}
 
 
 # ----------------------------------------------------------------------------------------------------------------

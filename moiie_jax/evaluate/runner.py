@@ -2,10 +2,11 @@
 
 `run_benchmark` asks every question of a benchmark in batches (greedy, deterministic) and appends each answer, or
 the error that kept an item from being answered, to `<out>/<name>_predictions.jsonl` as soon as its batch is done,
-so a restarted run skips what is already there. It then scores all answers with the benchmark's metric and writes
-the answer file, the server-format file(s) and `<name>_scores.json` (`Benchmark.evaluate`'s files), the scores
-carrying how many items failed. `<out>/<name>_run.json` records what produced the predictions; resuming with a
-different checkpoint, data file or generation setting is refused rather than mixing two runs.
+so a restarted run skips what is already there (moiie_jax/infer/answers.py, shared with `generate --batch`). It
+then scores the answers with the benchmark's metric, failed items left out and counted, and writes the answer
+file, the server-format file(s) and `<name>_scores.json` (`Benchmark.evaluate`'s files). `<out>/<name>_run.json`
+records what produced the predictions; resuming with a different checkpoint, data file or generation setting is
+refused rather than mixing two runs.
 
 `collect_routing` runs the model's forward pass over prompts (plus reference answers) and sums, per MoE layer and
 modality, the top-k slots and routing weight each expert received (`MoEStats.tokens_per_expert` /
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -31,11 +30,11 @@ from flax import nnx
 
 from moiie_jax.evaluate import benchmarks
 from moiie_jax.evaluate import routing as routing_lib
+from moiie_jax.infer import answers
 from moiie_jax.infer.generate import Generator, Prompt, PromptError, SamplingConfig, bucket_length, left_pad
 
 
-class RunError(ValueError):
-  """The output folder holds a run that does not match this one, or a predictions file is unreadable."""
+RunError = answers.AnswerFileError  # the output folder holds another run's predictions, or an unreadable file
 
 
 @dataclasses.dataclass
@@ -48,73 +47,24 @@ class RunSummary:
   files: list[str]
 
 
-# ------------------------------------------------------------------------------------------------ predictions file
 def predictions_path(out_dir: str, bench_name: str) -> str:
   return os.path.join(out_dir, f'{bench_name}_predictions.jsonl')
 
 
-def read_predictions(path: str) -> dict[str, dict]:
-  """key -> {'text': ...} or {'error': ...} from a predictions file (missing: empty).
-
-  A last line cut short by a crash is dropped from the file, so appending goes on from a clean line end; a bad
-  line elsewhere is an error naming it.
-  """
-  if not os.path.isfile(path):
-    return {}
-  with open(path, 'rb') as f:
-    data = f.read()
-  good_end = data.rfind(b'\n') + 1
-  if good_end < len(data):  # an unterminated (partial) last line
-    with open(path, 'r+b') as f:
-      f.truncate(good_end)
-    data = data[:good_end]
-  out = {}
-  for lineno, line in enumerate(data.decode('utf-8').splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-      key = row['key']
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise RunError(f'{path}, line {lineno}: not a predictions line ({e}); delete the file to start over') from None
-    out[str(key)] = row
-  return out
-
-
-def _check_run(out_dir: str, name: str, run_info: dict, resumed: bool) -> None:
-  path = os.path.join(out_dir, f'{name}_run.json')
-  if os.path.isfile(path) and resumed:
-    with open(path) as f:
-      old = json.load(f)
-    diff = sorted(k for k in run_info if old.get(k) != run_info[k])
-    if diff:
-      raise RunError(f'{out_dir}: holds predictions of a different run (differs in {diff}: '
-                     f'{ {k: old.get(k) for k in diff} } vs { {k: run_info[k] for k in diff} }); use another --out '
-                     f'or delete {predictions_path(out_dir, name)}')
-  with open(path, 'w') as f:
-    json.dump(run_info, f, indent=2, sort_keys=True)
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, desc=desc, unit='q', disable=not enabled, file=sys.stderr,
-              dynamic_ncols=True)
-
-
-# ------------------------------------------------------------------------------------------------ benchmarks
 def run_benchmark(generator: Generator, bench: benchmarks.Benchmark, items: Sequence[benchmarks.Item],
                   out_dir: str, *, max_new_tokens: int = 128, run_info: dict | None = None, progress: bool = True,
                   retry_errors: bool = False) -> RunSummary:
   """Answers every item (resuming from `out_dir`), scores, and writes the result files.
 
-  Items whose prompt cannot be built or whose image is missing/unreadable are recorded with an "error" and score
-  as an empty answer; `retry_errors` asks them again on a rerun.
+  Items whose prompt cannot be built or whose image is missing/unreadable are recorded with an "error"; they are
+  left out of the metric and counted as failed (`n_failed` in the scores). `retry_errors` asks them again on a
+  rerun.
   """
   if not items:
     raise ValueError(f'{bench.name}: no items to evaluate')
   os.makedirs(out_dir, exist_ok=True)
   path = predictions_path(out_dir, bench.name)
-  done = read_predictions(path)
+  done = answers.read_answers(path)
   keys = {it.key for it in items}
   stale = sorted(set(done) - keys)
   if stale:
@@ -122,36 +72,32 @@ def run_benchmark(generator: Generator, bench: benchmarks.Benchmark, items: Sequ
                    f'use another --out for another data file')
   if retry_errors:
     done = {k: v for k, v in done.items() if 'error' not in v}
-  _check_run(out_dir, bench.name, {**(run_info or {}), 'benchmark': bench.name, 'max_new_tokens': max_new_tokens},
-             resumed=bool(done))
+  answers.check_run(os.path.join(out_dir, f'{bench.name}_run.json'),
+                    {**(run_info or {}), 'benchmark': bench.name, 'max_new_tokens': max_new_tokens},
+                    resumed=bool(done), answers_path=path)
   todo = [it for it in items if it.key not in done]
   n_resumed = len(items) - len(todo)
-  greedy = SamplingConfig()
+
+  def prompt_of(it):
+    text, image = bench.prompt(it)
+    return Prompt(text=text, image=image), f'{bench.name} question_id {it.question_id!r}'
+
+  def row_of(it, r):
+    return {'key': it.key, 'question_id': it.question_id, **({'text': r.text} if r.error is None else
+                                                             {'error': r.error})}
+
   t0 = time.time()
-  with open(path, 'a', encoding='utf-8') as f, _progress(len(items), n_resumed, bench.name, progress) as bar:
-    for start in range(0, len(todo), generator.batch_size):
-      chunk = todo[start:start + generator.batch_size]
-      prompts, names = [], []
-      for it in chunk:
-        text, image = bench.prompt(it)
-        prompts.append(Prompt(text=text, image=image))
-        names.append(f'{bench.name} question_id {it.question_id!r}')
-      results = generator.generate_results(prompts, max_new_tokens, greedy, names=names)
-      for it, r in zip(chunk, results):
-        row = {'key': it.key, 'question_id': it.question_id}
-        row.update({'text': r.text} if r.error is None else {'error': r.error})
-        done[it.key] = row
-        f.write(json.dumps(row, ensure_ascii=False) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
-      bar.update(len(chunk))
+  for row in answers.answer_in_batches(generator, todo, path, prompt_of=prompt_of, row_of=row_of,
+                                       max_new_tokens=max_new_tokens, sampling=SamplingConfig(), total=len(items),
+                                       desc=bench.name, progress=progress):
+    done[row['key']] = row
   elapsed = time.time() - t0
-  errors = {k: v['error'] for k, v in done.items() if 'error' in v}
-  predictions = {it.key: done[it.key].get('text') or '' for it in items}
+  errors = {k: done[k]['error'] for k in (it.key for it in items) if 'error' in done[k]}
+  # None marks a failed item: the benchmark leaves it out of its metric and counts it (n_failed).
+  predictions = {it.key: None if 'error' in done[it.key] else done[it.key].get('text', '') for it in items}
   scores = bench.score(items, predictions)
-  scores.update({'n_errors': len(errors), 'errors': dict(list(errors.items())[:20]),
-                 'n_new': len(todo), 'n_resumed': n_resumed, 'seconds': round(elapsed, 2),
-                 **({'run': run_info} if run_info else {})})
+  scores.update({'errors': dict(list(errors.items())[:20]), 'n_new': len(todo), 'n_resumed': n_resumed,
+                 'seconds': round(elapsed, 2), **({'run': run_info} if run_info else {})})
   files = bench.write_predictions(items, predictions, out_dir)
   files.append(benchmarks.write_json(scores, os.path.join(out_dir, f'{bench.name}_scores.json')))
   return RunSummary(scores=scores, n_items=len(items), n_new=len(todo), n_resumed=n_resumed,
@@ -259,7 +205,7 @@ def collect_routing(generator: Generator, items: Sequence[RoutingItem], *, progr
   graphdef, state = nnx.split(generator.model)
   b = generator.batch_size
   pad = generator.tokenizer.pad_id
-  with _progress(len(encoded), 0, 'routing', progress) as bar:
+  with answers.progress_bar(len(encoded), 0, 'routing', progress) as bar:
     for start in range(0, len(encoded), b):
       chunk = encoded[start:start + b]
       length = bucket_length(max(len(ids) for ids, _ in chunk))

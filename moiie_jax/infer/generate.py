@@ -472,7 +472,8 @@ class Generator:
         results[i] = Result(text=None, error=str(e))
     return encoded, results
 
-  def _run(self, encoded: list, results: list, max_new_tokens: int, sampling: SamplingConfig) -> list[Result]:
+  def _run(self, encoded: list, results: list, max_new_tokens: int, sampling: SamplingConfig,
+           batch_offset: int = 0) -> list[Result]:
     sampling.validate()
     blank = None
     for start in range(0, len(encoded), self.batch_size):
@@ -484,7 +485,7 @@ class Generator:
         if blank is None:
           blank = np.zeros_like(next(r[2] for r in rows if r[2] is not None))
         pixels = np.stack([blank if r[2] is None else r[2] for r in rows])
-      rng = jax.random.fold_in(jax.random.PRNGKey(sampling.seed), start // self.batch_size)
+      rng = jax.random.fold_in(jax.random.PRNGKey(sampling.seed), batch_offset + start // self.batch_size)
       tokens = generate_ids(self.model, ids, mask, pixels, max_new_tokens=max_new_tokens, sampling=sampling,
                             eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id, rng=rng,
                             max_positions=self.max_positions)
@@ -494,11 +495,13 @@ class Generator:
     return results
 
   def generate_results(self, prompts: Sequence[Prompt], max_new_tokens: int = 128,
-                       sampling: SamplingConfig = SamplingConfig(), names: Sequence[str] | None = None) -> list[Result]:
+                       sampling: SamplingConfig = SamplingConfig(), names: Sequence[str] | None = None,
+                       batch_offset: int = 0) -> list[Result]:
     """One Result per prompt; a prompt that cannot be encoded gets Result(text=None, error=message) and the others
-    go on. `names` label the items in error messages (default 'prompt <index>')."""
+    go on. `names` label the items in error messages (default 'prompt <index>'). batch_offset: the index of the
+    first batch in a longer job asked a batch per call, so that each batch samples with its own key."""
     encoded, results = self._encode_all(prompts, names)
-    return self._run(encoded, results, max_new_tokens, sampling)
+    return self._run(encoded, results, max_new_tokens, sampling, batch_offset)
 
   def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 128,
                sampling: SamplingConfig = SamplingConfig()) -> list[str]:

@@ -49,8 +49,16 @@ def load(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
+_TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """'variant=modality,experts=8,runlocal=True' -> ConfigDict, typed by the defaults' types."""
+  """'variant=modality,experts=8,runlocal=True' -> ConfigDict, typed by the defaults' types.
+
+  A key not in `defaults`, a boolean that is not clearly true or false, or a number that does not parse is a
+  ValueError naming the key: a typo must not silently run another experiment (`runlocal=yesplease` read as False
+  builds the full-size model).
+  """
   out = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or '').split(',')):
     if '=' not in item:
@@ -58,13 +66,24 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, value = item.split('=', 1)
     if key not in defaults:
       raise ValueError(f'config arg {key!r}: unknown; known keys: {sorted(defaults)}')
-    kind = type(defaults[key])
-    if kind is bool:
-      value = value.lower() in ('1', 'true', 'yes')
-    elif defaults[key] is not None:
-      value = kind(value)
-    out[key] = value
+    out[key] = _parse_value(key, value, defaults[key])
   return out
+
+
+def _parse_value(key: str, value: str, default):
+  kind = type(default)
+  if kind is bool:
+    if value.strip().lower() in _TRUE:
+      return True
+    if value.strip().lower() in _FALSE:
+      return False
+    raise ValueError(f'config arg {key}={value!r}: expected a boolean ({"/".join(_TRUE)} or {"/".join(_FALSE)})')
+  if default is None:
+    return value
+  try:
+    return kind(value)
+  except ValueError:
+    raise ValueError(f'config arg {key}={value!r}: expected {kind.__name__} (like the default {default!r})') from None
 
 
 def base_config(stage: str = 'stage2') -> ml_collections.ConfigDict:

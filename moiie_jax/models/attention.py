@@ -71,6 +71,30 @@ def dot_product_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Arra
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+def chunked_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, mask_bts: jax.Array, scale: float,
+                      chunk: int) -> jax.Array:
+  """`dot_product_attention` a block of `chunk` queries at a time, each block recomputed in the backward pass.
+
+  Same arguments and result. The whole-sequence version materialises float32 scores [B, N, T, S] and, for the
+  backward pass, their softmax: at T = S = 4096, 32 heads and 2 sequences that is 4 GiB per buffer and several
+  buffers per layer. Here only one block's [B, N, chunk, S] is alive at a time (a `lax.map` over query blocks,
+  each block under `jax.checkpoint`, so the backward keeps q, k, v, not the probabilities). Exact: every query
+  still sees every key of its row. T is padded up to a multiple of `chunk` (padded queries see no key; their rows
+  are cut off).
+  """
+  b, t, n, h = q_btnh.shape
+  s = mask_bts.shape[-1]
+  blocks = -(-t // chunk)
+  pad = blocks * chunk - t
+  q_btnh = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  mask_bts = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0)))
+  q_cbtnh = q_btnh.reshape(b, blocks, chunk, n, h).swapaxes(0, 1)  # [C, B, chunk, N, H]
+  mask_cbts = mask_bts.reshape(b, blocks, chunk, s).swapaxes(0, 1)  # [C, B, chunk, S]
+  block = jax.checkpoint(lambda qm: dot_product_attention(qm[0], k_bgsh, v_bgsh, qm[1], scale))
+  out = jax.lax.map(block, (q_cbtnh, mask_cbts))  # [C, B, chunk, N, H]
+  return out.swapaxes(0, 1).reshape(b, blocks * chunk, n, h)[:, :t]
+
+
 class Attention(nnx.Module):
   """Self-attention of one decoder layer."""
 
@@ -142,6 +166,11 @@ class Attention(nnx.Module):
         keys = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)
         values = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
       new_kv = (k_cache, v_cache)
-    out = dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask_bts, self.head_dim ** -0.5)
+    keys, values, scale = keys.astype(q.dtype), values.astype(q.dtype), self.head_dim ** -0.5
+    chunk = self.cfg.attention_chunk
+    if chunk and t > chunk:  # training and long prefills: bounded score memory
+      out = chunked_attention(q, keys, values, mask_bts, scale, chunk)
+    else:
+      out = dot_product_attention(q, keys, values, mask_bts, scale)
     y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
     return y, new_kv

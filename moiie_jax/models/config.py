@@ -13,11 +13,14 @@ import math
 from typing import Any, Mapping
 
 LLM_ARCHITECTURES = ('llama', 'phi3')
+# What a rematerialised decoder layer keeps for the backward pass (see decoder.REMAT_POLICIES).
+REMAT_POLICIES = ('full', 'minimal', 'dots')
 VISION_ARCHITECTURES = ('siglip', 'clip')
 MOE_VARIANTS = ('dense', 'vanilla', 'modality', 'moiie')
 MOE_PLACEMENTS = ('interleaved', 'all', 'list')
 MODALITY_RULES = ('all_image', 'official')
 AUX_LOSS_SCOPES = ('global', 'per_layer')
+GROUPED_MATMULS = ('auto', 'scan', 'ragged_dot', 'megablox')
 
 
 def _freeze(value: Any) -> Any:
@@ -82,6 +85,9 @@ class MoEConfig:
   modality_rule: str = 'all_image'
   # Router init std; None = the LLM's initializer_range (official MoIIE code).
   router_init_std: float | None = None
+  # The dropless layer's grouped matmul (`models.gmm`): 'auto' picks by the target platform (TPU megablox, GPU
+  # ragged_dot, else scan). Execution only: the parameters and the result do not depend on it.
+  grouped_matmul: str = 'auto'
 
   @property
   def n_experts(self) -> int:
@@ -97,6 +103,7 @@ class MoEConfig:
     _check_choice(owner, 'placement', self.placement, MOE_PLACEMENTS)
     _check_choice(owner, 'modality_rule', self.modality_rule, MODALITY_RULES)
     _check_choice(owner, 'aux_loss_scope', self.aux_loss_scope, AUX_LOSS_SCOPES)
+    _check_choice(owner, 'grouped_matmul', self.grouped_matmul, GROUPED_MATMULS)
     for name in ('n_vision', 'n_language', 'n_shared'):
       if getattr(self, name) < 0:
         raise ConfigError(f'{owner}.{name}={getattr(self, name)}: expert counts must be >= 0')
@@ -170,6 +177,12 @@ class LLMConfig:
   # Execution choices (not part of the checkpoint's meaning).
   scan_layers: bool = False
   remat: bool = False
+  # With remat: 'full' recomputes the whole layer in the backward pass (least memory; MaxText's 'full'), 'minimal'
+  # keeps the weight matmuls' outputs (dots without batch dims) and recomputes the rest, 'dots' keeps every dot.
+  remat_policy: str = 'full'
+  # Attention over more than this many queries runs a block of this many at a time (attention.chunked_attention):
+  # score memory O(chunk * S) instead of O(T * S). 0 = never.
+  attention_chunk: int = 512
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
 
@@ -192,6 +205,9 @@ class LLMConfig:
 
   def validate(self) -> None:
     _check_choice('LLMConfig', 'architecture', self.architecture, LLM_ARCHITECTURES)
+    _check_choice('LLMConfig', 'remat_policy', self.remat_policy, REMAT_POLICIES)
+    if self.attention_chunk < 0:
+      raise ConfigError(f'LLMConfig.attention_chunk={self.attention_chunk}: expected >= 0 (0 = whole sequence)')
     if self.hidden_act != 'silu':
       raise ConfigError(f'LLMConfig.hidden_act={self.hidden_act!r}: only silu (SwiGLU) is supported')
     if self.num_attention_heads % self.num_key_value_heads:

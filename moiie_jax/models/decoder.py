@@ -39,6 +39,13 @@ from moiie_jax.models.attention import Attention, logical
 from moiie_jax.models.config import ConfigError, LLMConfig
 from moiie_jax.models.mlp import MLP
 
+# LLMConfig.remat_policy -> what jax.checkpoint saves of a layer for the backward pass.
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+}
+
 
 # ------------------------------------------------------------------------------------------------ layer layout
 def layer_kinds(cfg: LLMConfig) -> tuple[str, ...]:
@@ -284,7 +291,7 @@ class Decoder(nnx.Module):
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(self.cfg.dtype))
     batch, length = x.shape[:2]
     inputs = self.layer_inputs(batch, length, attention_mask, positions, modality, cache)
-    run = nnx.remat(_run_layer) if self.cfg.remat else _run_layer
+    run = nnx.remat(_run_layer, policy=REMAT_POLICIES[self.cfg.remat_policy]) if self.cfg.remat else _run_layer
     if self.cfg.scan_layers:
       x, moe_stats, new_kv = self._scanned(x, inputs, cache, run)
     else:

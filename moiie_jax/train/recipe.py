@@ -9,14 +9,16 @@ A recipe file is `configs/NAME.py` with `get_config(arg)` returning `base_config
   model.experts, .layout    4 or 8 experts; 'balanced' (2+2+4) or 'unbalanced' (3+3+2) for 8 MoIIE experts
   model.moe.*               MoEConfig overrides (top_k, capacity_factor, placement, first_layer, aux_loss_coef, ...)
   model.dtype               compute dtype (bfloat16 on accelerators; parameters stay float32 masters)
-  model.scan_layers, .remat execution of the decoder layers
+  model.scan_layers, .remat, .remat_policy   execution of the decoder layers (remat_policy: full | minimal | dots,
+                            see LLMConfig; the full-size recipes scan their layers and recompute them whole)
   init.checkpoint           a converted-checkpoint folder (python -m moiie_jax.convert, or a previous stage's
                             WORKDIR/final); a dense checkpoint is upcycled when model.variant is an MoE kind
   data.*                    moiie_jax.data.pipeline.DataConfig fields (num_image_tokens and image_token_id are
                             filled in from the model)
   optimizer.*               moiie_jax.train.optimizer.get_config fields (stage presets, lrs, schedule, clipping)
-  mesh.data/fsdp/expert/tensor  device mesh axis sizes (-1 = the rest); expert parallelism needs capacity_factor > 0
-                            to be efficient (dropless sends one buffer row per token to every expert)
+  mesh.data/fsdp/expert/tensor  device mesh axis sizes (-1 = the rest). Default fsdp=-1: parameters, gradients and
+                            optimizer state sharded over every device, gathered a layer at a time (MaxText's
+                            default); data=-1 would replicate them on every device, which no chip holds at full size
   num_epochs, total_steps   total_steps = 0 means num_epochs over the data
   log_every, checkpoint_every, keep_checkpoints, export_final
 """
@@ -33,7 +35,7 @@ from moiie_jax.train import optimizer as optimizer_lib
 
 MOE_OVERRIDE_FIELDS = ('top_k', 'renormalize', 'capacity_factor', 'eval_capacity_factor', 'placement',
                        'first_layer', 'layers', 'aux_loss_coef', 'aux_loss_scope', 'z_loss_coef', 'modality_rule',
-                       'router_init_std')
+                       'router_init_std', 'grouped_matmul')
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -94,12 +96,14 @@ def base_config(stage: str = 'stage2') -> ml_collections.ConfigDict:
       moe=ml_collections.ConfigDict(dict(top_k=2, capacity_factor=0.0, placement='interleaved', first_layer=1,
                                          aux_loss_coef=0.001, aux_loss_scope='global', z_loss_coef=0.0,
                                          modality_rule='all_image')),
-      vision_feature_layer=-2, dtype='bfloat16', scan_layers=False, remat=False,
+      vision_feature_layer=-2, dtype='bfloat16', scan_layers=False, remat=False, remat_policy='full',
       vocab_size=0))  # 0 = the preset's (from-scratch models size it to their tokenizer)
   c.init = ml_collections.ConfigDict(dict(checkpoint=''))
   # Device mesh (moiie_jax/parallel/mesh.py): -1 = the rest of the devices. Experts are split over `expert`,
   # parameters FSDP-style over `fsdp` (and `expert` for non-expert weights), the batch over data x fsdp x expert.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  # FSDP over everything by default: fp32 masters + Adam state are 16 bytes per parameter (~125 GB for Phi-3
+  # MoIIE), so replicating them (data=-1) fits no chip; sharded they are ~4 GB per chip on 32 chips.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
   c.mesh_devices = 0  # 0 = every device of every process; n = only this process's first n (single-host runs)
   c.data = ml_collections.ConfigDict(dict(
       json_path='', image_folder='', tfds_dir='', tokenizer_path='', template='phi3', max_length=4096,
@@ -130,7 +134,8 @@ def model_config(config: ml_collections.ConfigDict, base: LVLMConfig | None = No
   """The LVLMConfig a recipe trains: shapes from `base` (a checkpoint's config) or the presets, MoE and
   execution fields from the recipe."""
   m = config.model
-  llm_exec = dict(moe=moe_from_config(m), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+  llm_exec = dict(moe=moe_from_config(m), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
+                  remat_policy=m.remat_policy)
   if base is None:
     if m.get('vocab_size', 0):
       llm_exec['vocab_size'] = int(m.vocab_size)
@@ -177,12 +182,18 @@ def paper_recipe(a: ml_collections.ConfigDict, *, llm: str, template: str) -> ml
   c.global_batch_size = 256 if a.stage == 1 else 128
   c.data.batch_size = 8  # per process; grad_accum_steps = global / (batch_size * processes)
   c.model.dtype = 'bfloat16'
+  # Full size: layers scanned (one compiled layer body, parameters stacked; a looped checkpoint is relaid out on
+  # load) and recomputed whole in the backward pass (remat_policy='full': least memory; 'minimal' keeps the
+  # weight matmuls' outputs where a slice has HBM to spare).
+  c.model.scan_layers = True
   c.model.remat = True
+  c.model.remat_policy = 'full'
   if a.runlocal:
     c.model.llm = 'tiny-phi3' if llm.startswith('phi3') else 'tiny-llama'
     c.model.vision = tiny
     c.model.dtype = 'float32'
     c.model.remat = False
+    c.model.scan_layers = False
     c.data.synthetic_demo = True  # the loop generates the shapes data set in WORKDIR/data
     c.data.template = 'demo'
     c.data.max_length = 96

@@ -17,6 +17,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from moiie_jax.convert import hf as hf_convert
 from moiie_jax.convert import upcycle as up
+from moiie_jax.models import gmm
 from moiie_jax.models import moe as moe_lib
 from moiie_jax.models import routing
 from moiie_jax.models.config import ConfigError, LLMConfig, MoEConfig
@@ -263,7 +264,7 @@ def test_capacity_path_equals_reference_when_capacity_is_ample(layout, rule):
   x, modality, valid = make_inputs()
   want = moe_lib.moe_reference(block, x, modality, valid)
   n, moe = x.shape[0] * x.shape[1], cfg.moe
-  assert moe_lib.grouped_blocks(n * moe.top_k, moe.n_experts)[1] * 8 < n * moe.n_experts  # cf=0 runs grouped
+  assert routing.grouped_blocks(n * moe.top_k, moe.n_experts)[1] * 8 < n * moe.n_experts  # cf=0 runs grouped
   for cf in (0.0, moe.n_experts / moe.top_k):  # dropless (grouped); C = N
     y, stats = block(x, modality, valid, capacity_factor=cf)
     np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
@@ -355,9 +356,10 @@ def test_grouped_dropless_layout_and_matmul():
   np.testing.assert_array_equal(s2a, [0, 8, 5, 10, 2, 4, 1, 10, 3, 9])
   x = jax.random.normal(jax.random.key(0), (5, 2, 3))
   w = jax.random.normal(jax.random.key(1), (3, 3, 4))
-  np.testing.assert_allclose(moe_lib._gmm(x, w, block_expert), jnp.einsum('QRD,QDF->QRF', x, w[block_expert]),
-                             atol=1e-6)
-  jtu.check_grads(lambda x, w: moe_lib._gmm(x, w, block_expert), (x, w), order=1, modes=('rev',))
+  sizes = jnp.array([4, 4, 2], jnp.int32)  # the blocked scan (now gmm's 'scan'), on this layout's groups
+  blocked = lambda x, w: gmm.grouped_matmul(x.reshape(10, 3), w, sizes, impl='scan', tile_rows=2).reshape(5, 2, 4)
+  np.testing.assert_allclose(blocked(x, w), jnp.einsum('QRD,QDF->QRF', x, w[block_expert]), atol=1e-6)
+  jtu.check_grads(blocked, (x, w), order=1, modes=('rev',))
 
 
 # ------------------------------------------------------------------------------------------------ training

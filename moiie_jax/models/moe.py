@@ -8,12 +8,14 @@ Every expert is a SwiGLU FFN with the decoder MLP's parameter layout, stacked on
 Execution: `MoEBlock.__call__` gathers the tokens into expert-ordered rows, runs the experts as matmuls and gathers
 the results back; the gathers have custom VJPs whose backward pass is the inverse gather, so neither direction
 scatters D-wide rows. With a capacity (capacity_factor > 0) the rows form an [E, C, D] buffer and the experts run
-as one batched matmul. Dropless (capacity_factor <= 0) sorts the choices by expert into blocks of R rows, each
-block one expert's (about N*K rows in all instead of the E*N a dropless [E, C, D] buffer needs), and runs a
-grouped matmul over the blocks. `moe_reference` is a plain dropless loop over experts: the oracle for both.
+as one batched matmul. Dropless (capacity_factor <= 0) packs the N*K choices into rows sorted by expert, without
+padding (a dropless [E, C, D] buffer would need E*N rows), and runs each projection as one grouped matmul with the
+experts' choice counts as group sizes (`models.gmm`: a blocked scan, `lax.ragged_dot` or the Pallas megablox
+kernel, chosen by `MoEConfig.grouped_matmul`). `moe_reference` is a plain dropless loop over experts: the oracle
+for every path.
 
 B batch, T tokens, N = B*T positions, D model width, F FFN width, E experts, C capacity, K top-k, S slots
-(E*C, or Q*R: Q blocks of R rows in the dropless grouped layout).
+(E*C, or N*K in the dropless grouped layout), M rows of a grouped matmul.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moiie_jax.models import gmm
 from moiie_jax.models.attention import logical
 from moiie_jax.models.config import ConfigError, LLMConfig, MoEConfig, capacity
-from moiie_jax.models.routing import (MoEStats, assign_grouped, assign_slots, aux_loss, grouped_blocks,
-                                      layer_aux_loss, route, router_ranges, routing_masks, routing_stats,
-                                      weighted_aux_loss)
+from moiie_jax.models.routing import (MoEStats, assign_grouped, assign_slots, aux_loss, layer_aux_loss, route,
+                                      router_ranges, routing_masks, routing_stats, weighted_aux_loss)
 
 __all__ = ['Experts', 'MoEBlock', 'MoEStats', 'aux_loss', 'layer_aux_loss', 'moe_reference', 'weighted_aux_loss',
-           'expert_capacity']
+           'expert_capacity', 'expert_counts']
 
 
 class StackedLinear(nnx.Module):
@@ -64,56 +66,31 @@ class Experts(nnx.Module):
       self.up_proj = StackedLinear(n, d, f, ('embed', 'mlp'), **kw)
     self.down_proj = StackedLinear(n, f, d, ('mlp', 'embed'), **kw)
 
-  def __call__(self, h: jax.Array, block_expert: jax.Array | None = None) -> jax.Array:
-    """Capacity layout: h [E, C, D], expert e's rows in h[e]. Grouped layout: h [Q, R, D] with block g's rows all
-    for expert block_expert[q]. Returns the same shape in the compute dtype."""
+  def __call__(self, h: jax.Array, group_sizes: jax.Array | None = None, *, impl: str = 'auto') -> jax.Array:
+    """Capacity layout: h [E, C, D], expert e's rows in h[e]. Grouped layout: h [M, D] with rows sorted by expert,
+    group_sizes int32[E] rows each (rows past their sum are padding and give 0), run by the `gmm` backend `impl`.
+    Returns the same shape in the compute dtype."""
     h = h.astype(self.dtype)
+    if group_sizes is not None:
+      # Each row's expert, for the biases; padding rows name the zero row E.
+      row_expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(h.shape[0]), side='right')
 
     def proj(p: StackedLinear, a: jax.Array) -> jax.Array:
       w = p.kernel[...].astype(self.dtype)
-      if block_expert is None:
+      if group_sizes is None:
         out = jnp.einsum('ECD,EDF->ECF', a, w)
         return out if p.bias is None else out + p.bias[...].astype(self.dtype)[:, None, :]
-      out = _gmm(a, w, block_expert)
-      return out if p.bias is None else out + p.bias[...].astype(self.dtype)[block_expert][:, None, :]
+      out = gmm.grouped_matmul(a, w, group_sizes, impl=impl)  # [M, F]
+      if p.bias is None:
+        return out
+      bias = p.bias[...].astype(self.dtype)
+      return out + jnp.concatenate([bias, jnp.zeros_like(bias[:1])])[row_expert]
 
     if self.fused:
       gate, up = jnp.split(proj(self.gate_up_proj, h), 2, axis=-1)
     else:
       gate, up = proj(self.gate_proj, h), proj(self.up_proj, h)
     return proj(self.down_proj, jax.nn.silu(gate) * up)
-
-
-@jax.custom_vjp
-def _gmm(x: jax.Array, w: jax.Array, block_expert: jax.Array) -> jax.Array:
-  """Grouped matmul: x [Q, R, D] (block q belongs to expert block_expert[q]), w [E, D, F] -> [Q, R, F].
-
-  A scan over blocks, so no [Q, D, F] copy of the weights is ever made; the custom VJP keeps only x, w and the
-  block experts as residuals and accumulates dW in place, one block at a time. (On TPU a Pallas grouped matmul
-  would do the same job; jax.lax.ragged_dot is a dense expansion on CPU/GPU today.)
-  """
-  w = jnp.asarray(w)
-  return jax.lax.scan(lambda _, xe: (None, xe[0] @ w[xe[1]]), None, (x, block_expert))[1]
-
-
-def _gmm_fwd(x, w, block_expert):
-  return _gmm(x, w, block_expert), (x, w, block_expert)
-
-
-def _gmm_bwd(res, g):
-  x, w, block_expert = res
-  w = jnp.asarray(w)
-  dx = jax.lax.scan(lambda _, ge: (None, ge[0] @ w[ge[1]].T), None, (g, block_expert))[1]
-
-  def accumulate(dw, xge):
-    xb, gb, e = xge
-    return dw.at[e].add(xb.T @ gb), None
-
-  dw = jax.lax.scan(accumulate, jnp.zeros_like(w), (x, g, block_expert))[0]
-  return dx, dw, None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 # The two gathers between positions and slots. Choices and slots are in a partial one-to-one correspondence, so
@@ -175,6 +152,12 @@ def dispatching(hook: Dispatch | None):
     _DISPATCH.reset(token)
 
 
+def expert_counts(experts: jax.Array, routed: jax.Array, n_experts: int) -> jax.Array:
+  """Choices per expert: experts int32[N, K], routed bool[N] -> int32[E] (the grouped layout's group sizes)."""
+  chosen = jnp.where(routed[:, None], experts, n_experts).reshape(-1)  # unrouted choices count in the extra bin
+  return jnp.bincount(chosen, length=n_experts + 1)[:n_experts].astype(jnp.int32)
+
+
 def expert_capacity(moe: MoEConfig, n_positions: int, capacity_factor: float) -> int:
   """Rows per expert buffer: ceil(cf * N * K / E) capped at N (a position picks an expert at most once), or N
   when cf <= 0 (the capacity layout's dropless bound)."""
@@ -200,7 +183,7 @@ class MoEBlock(nnx.Module):
   (the decoder's residual carries the token); the weights of the kept choices are not renormalised again.
   Positions that are routed take slots: under modality_rule='official' that includes padding (routed as text,
   as the official code does, though it is left out of the statistics and the loss).
-  capacity_factor <= 0: dropless, in the grouped layout (or C = N when that is no larger).
+  capacity_factor <= 0: dropless, in the grouped layout (or C = N when K = E, where that is no larger).
   """
 
   def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
@@ -247,16 +230,15 @@ class MoEBlock(nnx.Module):
     vision, routed, counted = (m.reshape(n) for m in routing_masks(modality, valid, moe.modality_rule))
     x2 = x.reshape(n, d)
     r = route(x2, self.gate.kernel[...], None if self.gate_vis is None else self.gate_vis.kernel[...], vision, moe)
-    block, n_blocks = grouped_blocks(n * k, e)
-    if cf <= 0 and n_blocks * block < e * n:  # dropless, grouped: ~N*K rows instead of E*N
-      a2s, s2a, kept, block_expert = assign_grouped(r.experts, routed, e, block, n_blocks)
-      shape = (n_blocks, block, d)
+    if cf <= 0 and k < e:  # dropless, grouped: N*K rows instead of the E*N of an [E, N, D] buffer
+      a2s, s2a, kept, _ = assign_grouped(r.experts, routed, e, 1, n * k)  # R = 1: rows packed, sorted by expert
+      sizes, shape = expert_counts(r.experts, routed, e), (n * k, d)
     else:
       a2s, s2a, kept = assign_slots(r.experts, routed, e, c)
-      block_expert, shape = None, (e, c, d)
+      sizes, shape = None, (e, c, d)
     s2n = jnp.where(s2a < n * k, s2a // k, n)  # position filling each slot, n = empty
-    buf = _dispatch(x2, s2n, a2s).reshape(shape)  # [E, C, D] or [Q, R, D]
-    out = self.experts(buf, block_expert).reshape(-1, d)  # [S, D]
+    buf = _dispatch(x2, s2n, a2s).reshape(shape)  # [E, C, D] or [N*K, D]
+    out = self.experts(buf, sizes, impl=moe.grouped_matmul).reshape(-1, d)  # [S, D]
     picked = _collect(out, a2s, s2a)  # [N, K, D], 0 for dropped choices
     y = jnp.einsum('NK,NKD->ND', r.weights.astype(picked.dtype), picked)
     return y.reshape(b, t, d), routing_stats(r, vision, counted, kept)

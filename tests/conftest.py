@@ -11,6 +11,11 @@ if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+# libtpu (the test requirements' jax[tpu]) compiles for TPU slices on this CPU machine (tests/test_aot.py,
+# tests/test_gmm.py); these keep it from looking for TPU metadata servers and from refusing a second process.
+for _key, _value in (('TPU_SKIP_MDS_QUERY', '1'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'),
+                     ('TPU_ACCELERATOR_TYPE', 'v5p-8'), ('TPU_WORKER_HOSTNAMES', 'localhost'), ('TPU_WORKER_ID', '0')):
+  os.environ.setdefault(_key, _value)
 
 import jax  # noqa: E402
 

@@ -8,27 +8,29 @@ the last good checkpoint stays the latest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from moiie_jax import compile_cache
 from moiie_jax.convert import folder as folder_lib
 from moiie_jax.convert import hf as hf_lib
 from moiie_jax.convert import upcycle as upcycle_lib
 from moiie_jax.data import pipeline
-from moiie_jax.models.config import LVLMConfig
+from moiie_jax.models.config import ConfigError, LVLMConfig
 from moiie_jax.models.lvlm import LVLM
 from moiie_jax.parallel import mesh as mesh_lib
-from moiie_jax.train.step import make_sharded_train_step
+from moiie_jax.train.step import ShardedTrainStep, make_sharded_train_step
 from moiie_jax.train import checkpoint as ckpt_lib
 from moiie_jax.train import optimizer as optimizer_lib
 from moiie_jax.train import recipe
@@ -64,6 +66,13 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[LVLMConfig, LVLM, di
   return cfg, abstract, meta
 
 
+def model_config(config: ml_collections.ConfigDict) -> LVLMConfig:
+  """The LVLMConfig `build_model` trains, read without weights (an init checkpoint's config.json gives shapes)."""
+  if not config.init.checkpoint:
+    return recipe.model_config(config)
+  return recipe.model_config(config, base=folder_lib.load_config(config.init.checkpoint))
+
+
 def upcycle_lvlm(flat: dict, cfg: LVLMConfig, rng: jax.Array, source_scan_layers: bool) -> dict:
   """A dense LVLM's flat parameters with the LLM's FFNs upcycled into the experts of `cfg` (sparse upcycling)."""
   root = ('language_model',)
@@ -94,15 +103,107 @@ def data_config(config: ml_collections.ConfigDict, cfg: LVLMConfig, tokenizer_pa
   return pipeline.DataConfig.for_model(cfg, pad_to_square=pad_to_square, **d)
 
 
-def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
+def grad_accum_steps(config: ml_collections.ConfigDict, processes: int | None = None) -> int:
   """optimizer.grad_accum_steps, or global_batch_size / (data.batch_size * processes) when that is set."""
   if not config.get('global_batch_size'):
     return int(config.optimizer.grad_accum_steps)
-  per_step = config.data.batch_size * jax.process_count()
+  processes = jax.process_count() if processes is None else processes
+  per_step = config.data.batch_size * processes
   if config.global_batch_size % per_step:
-    raise ValueError(f'config.global_batch_size={config.global_batch_size} is not a multiple of data.batch_size '
-                     f'({config.data.batch_size}) x processes ({jax.process_count()})')
+    raise ConfigError(f'config.global_batch_size={config.global_batch_size} is not a multiple of data.batch_size '
+                     f'({config.data.batch_size}) x processes ({processes})')
   return config.global_batch_size // per_step
+
+
+def batch_shapes(cfg: LVLMConfig, batch_size: int, max_length: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the step is built for: `batch_size` rows (all processes together) of `max_length` tokens,
+  one image each at the tower's size. input_ids / labels / attention_mask int32[B, T], pixel_values f32[B, H, W, C].
+  """
+  ids = jax.ShapeDtypeStruct((batch_size, max_length), np.int32)
+  size = cfg.vision.image_size
+  return {'input_ids': ids, 'labels': ids, 'attention_mask': ids,
+          'pixel_values': jax.ShapeDtypeStruct((batch_size, size, size, cfg.vision.num_channels), np.float32)}
+
+
+# ------------------------------------------------------------------------------------------- the shared builder
+# Any positive count will do for an abstract build: the schedule changes values, never the compiled step's shapes.
+ABSTRACT_TOTAL_STEPS = 1000
+
+
+@dataclasses.dataclass
+class Training:
+  """Everything one stage's training step is built from: what `train` runs and `moiie_jax.aot` compiles.
+
+  Abstract builds (`build_training(..., abstract=True)`) hold ShapeDtypeStructs in `model` / `params`, and no data.
+  """
+  cfg: LVLMConfig
+  model: LVLM  # with its initial weights, or abstract (nnx.eval_shape)
+  meta: dict[str, Any]  # the init checkpoint's meta.json ({} from scratch or abstract)
+  opt_cfg: ml_collections.ConfigDict  # config.optimizer with grad_accum_steps and total_steps filled in
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  step: ShardedTrainStep
+  batch: dict[str, jax.ShapeDtypeStruct]  # the global batch of one micro-step (`batch_shapes`)
+  processes: int  # hosts feeding the batch: B = data.batch_size * processes
+  data_cfg: pipeline.DataConfig | None = None  # None when abstract
+  data: Any = None  # this process's batch iterator; None when abstract
+  tokenizer_path: str | None = None
+
+  @property
+  def total_steps(self) -> int:
+    return int(self.opt_cfg.total_steps)
+
+  @property
+  def micro_steps(self) -> int:
+    return int(self.opt_cfg.total_steps) * int(self.opt_cfg.grad_accum_steps)
+
+
+def build_training(config: ml_collections.ConfigDict, *, workdir: str | None = None,
+                   devices: Sequence[Any] | None = None, processes: int | None = None,
+                   abstract: bool = False) -> Training:
+  """Model, data, optimizer (frozen groups, accumulation, schedule), mesh and sharded step of one stage.
+
+  devices: the mesh's devices; default `config.mesh_devices` of this process, or every device of every process.
+  processes: the hosts that feed batches (default `jax.process_count()`); sets the global batch and accumulation.
+  abstract: create no weights (`nnx.eval_shape`; an init checkpoint's config.json alone is read) and touch no data
+  files or tokenizers; total_steps = 0 (epochs over the data) becomes `ABSTRACT_TOTAL_STEPS`. `workdir` is needed
+  only when not abstract (the runlocal recipes generate their demo data set there).
+  """
+  processes = jax.process_count() if processes is None else int(processes)
+  if abstract:
+    cfg, meta = model_config(config), {}
+    model = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(config.seed)))
+    data_cfg, data, tokenizer_path = None, None, None
+  else:
+    cfg, model, meta = build_model(config)
+    tokenizer_path = config.data.tokenizer_path or config.init.checkpoint
+    data_cfg = data_config(config, cfg, tokenizer_path, workdir)
+    tokenizer_path = data_cfg.tokenizer_path
+    data = pipeline.make_iterator(data_cfg, process_index=jax.process_index(), process_count=processes)
+
+  opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
+  opt_cfg.grad_accum_steps = grad_accum_steps(config, processes)
+  total_steps = int(config.total_steps)  # optimizer updates
+  if total_steps <= 0 and abstract:
+    total_steps = ABSTRACT_TOTAL_STEPS
+  elif total_steps <= 0:
+    global_batch = data_cfg.batch_size * processes * opt_cfg.grad_accum_steps
+    total_steps = max(1, math.ceil(data.num_records * config.num_epochs / global_batch))
+  opt_cfg.total_steps = total_steps
+
+  if devices is None:
+    n_devices = int(config.get('mesh_devices', 0))
+    devices = jax.local_devices()[:n_devices] if n_devices else None
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
+  source = data_cfg or config.data  # the same batch_size and max_length either way
+  batch = batch_shapes(cfg, source.batch_size * processes, source.max_length)
+  step = make_sharded_train_step(graphdef, tx, cfg, mesh, params, batch)
+  return Training(cfg=cfg, model=model, meta=meta, opt_cfg=opt_cfg, mesh=mesh, graphdef=graphdef, params=params,
+                  step=step, batch=batch, processes=processes, data_cfg=data_cfg, data=data,
+                  tokenizer_path=tokenizer_path)
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -110,27 +211,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   """Trains one stage in `workdir`; returns a summary (steps, last metrics, export path)."""
   compile_cache.enable()
   os.makedirs(workdir, exist_ok=True)
-  cfg, model, meta = build_model(config)
-  tokenizer_path = config.data.tokenizer_path or config.init.checkpoint
-  data_cfg = data_config(config, cfg, tokenizer_path, workdir)
-  tokenizer_path = data_cfg.tokenizer_path
-  data = pipeline.make_iterator(data_cfg, process_index=jax.process_index(), process_count=jax.process_count())
-
-  opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
-  opt_cfg.grad_accum_steps = grad_accum_steps(config)
-  total_steps = int(config.total_steps)  # optimizer updates
-  if total_steps <= 0:
-    global_batch = data_cfg.batch_size * jax.process_count() * opt_cfg.grad_accum_steps
-    total_steps = max(1, math.ceil(data.num_records * config.num_epochs / global_batch))
-  opt_cfg.total_steps = total_steps
-  micro_steps = total_steps * int(opt_cfg.grad_accum_steps)
-
-  n_devices = int(config.get('mesh_devices', 0))
-  mesh = mesh_lib.make_mesh(config.mesh, jax.local_devices()[:n_devices] if n_devices else None)
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
-  train_step = make_sharded_train_step(graphdef, tx, cfg, mesh, params, _example_batch(data_cfg, cfg))
-  params, opt_state = train_step.init(params)  # placed on the mesh; optimizer state born sharded
+  t = build_training(config, workdir=workdir)
+  cfg, model, meta, data, tokenizer_path = t.cfg, t.model, t.meta, t.data, t.tokenizer_path
+  opt_cfg, mesh, train_step = t.opt_cfg, t.mesh, t.step
+  total_steps, micro_steps = t.total_steps, t.micro_steps
+  params, opt_state = train_step.init(t.params)  # placed on the mesh; optimizer state born sharded
   rng = jax.random.key(config.seed)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
@@ -227,14 +312,6 @@ MODEL_INPUTS = ('input_ids', 'labels', 'attention_mask', 'pixel_values')
 
 def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: batch[k] for k in MODEL_INPUTS}
-
-
-def _example_batch(data_cfg: pipeline.DataConfig, cfg: LVLMConfig) -> dict[str, np.ndarray]:
-  """A global batch of the pipeline's shapes (zeros): what the sharded step is built for."""
-  b, t, size = data_cfg.batch_size * jax.process_count(), data_cfg.max_length, cfg.vision.image_size
-  ids = np.zeros((b, t), np.int32)
-  return {'input_ids': ids, 'labels': ids, 'attention_mask': ids,
-          'pixel_values': np.zeros((b, size, size, cfg.vision.num_channels), np.float32)}
 
 
 def _to_host(tree):

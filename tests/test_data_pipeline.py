@@ -208,6 +208,18 @@ def test_fail_names_record_and_file(data, case, tmp_path):
     assert record['image'] in msg
 
 
+def test_no_usable_record_stops_instead_of_reading_forever(data):
+  # The source repeats forever (num_epochs=None, as in training) and max_length drops every record: this used to
+  # loop in __next__ for ever; now it stops after twice the data, with the skip counts.
+  it = P.make_iterator(_config(data, max_length=8, num_epochs=None), process_index=0, process_count=1)
+  with pytest.raises(P.NoUsableDataError, match=r'no usable record.*too_long=\d+.*max_length=8') as info:
+    next(it)
+  assert isinstance(info.value, P.DataError) and it.stats()['examples'] == 0
+  assert it.stats()['skipped'] == 2 * it.num_records
+  with pytest.raises(StopIteration):
+    next(it)
+
+
 def test_fail_in_worker_process_raises_in_main(data, tmp_path):
   _, record = data['bad'][0]
   with open(data['demo'].train_json) as f:

@@ -3,6 +3,7 @@ SIGTERM, a non-finite loss, loss going down, and every paper recipe building its
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from flax import nnx
 
 from moiie_jax.convert import folder
+from moiie_jax.data import pipeline
 from moiie_jax.models.lvlm import LVLM
 from moiie_jax.train import loop, recipe
 
@@ -117,14 +119,27 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert abs(got[s] - want[s]) <= 1e-5 * max(1.0, abs(want[s])), (s, got[s], want[s])
 
 
+def _cli(workdir, *overrides):
+  """`python -m moiie_jax.train` on the tiny stage-2 recipe, as a user runs it."""
+  args = [sys.executable, '-m', 'moiie_jax.train', f'--config={PHI3}:stage=2,runlocal=True', f'--workdir={workdir}',
+          *overrides]
+  return subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   workdir = str(tmp_path / 'term')
-  proc = _train_subprocess('stage=2,runlocal=True', workdir)
+  proc = _cli(workdir, '--config.total_steps=24', '--config.checkpoint_every=4', '--config.log_every=1',
+              '--config.global_batch_size=4')
   _wait_for_checkpoint(workdir, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-2000:]
-  steps = int(out.strip().splitlines()[-1])
+  # Not 0: a preempted run must not look finished to a script or scheduler.
+  from moiie_jax.train.__main__ import PREEMPTED
+  assert proc.returncode == PREEMPTED, err[-2000:]
+  line = out.strip().splitlines()[-1]
+  assert line.startswith('preempted at step ') and line.endswith(' of 24; rerun the same command to resume'), line
+  steps = int(line.split()[3])
   assert 4 <= steps < 24
   from moiie_jax.train import checkpoint
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
@@ -146,6 +161,64 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
   last_good = ckpt.latest_step()
   losses = _losses(workdir) if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) else {}
   assert last_good is None or all(np.isfinite(losses[s]) for s in losses if s <= last_good)
+
+
+def test_non_finite_state_is_never_saved_and_a_sane_rerun_continues(tmp_path):
+  workdir = str(tmp_path / 'blowup')
+  sane = dict(total_steps=2, checkpoint_every=1, log_every=1, global_batch_size=4, export_final=False,
+              keep_checkpoints=5)
+  loop.train(_config('stage=2', **sane), workdir, progress=False)
+  # Resume with an lr that overflows float32: step 3's loss (before the update) is finite, its weights are not.
+  c = _config('stage=2', **{**sane, 'total_steps': 4})
+  from moiie_jax.train import optimizer
+  for group, lr in optimizer.stage_param_groups(c.optimizer.stage, c.optimizer).items():
+    if lr is not None:  # the same trained groups, so that the optimizer state restores
+      c.optimizer.lr[group] = 1e300
+  with pytest.raises(loop.NonFiniteLossError, match=r'step 3: loss is .* parameters or optimizer state .*\(step 2\)'):
+    loop.train(c, workdir, progress=False)
+  from moiie_jax.train import checkpoint
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert ckpt.latest_step() == 2
+  restored = ckpt.restore(2)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves((restored['params'], restored['opt_state']))
+             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+  summary = loop.train(_config('stage=2', **{**sane, 'total_steps': 4}), workdir, progress=False)
+  assert summary['steps'] == 4 and np.isfinite(summary['metrics']['loss'])
+
+
+def test_resume_drops_replayed_metrics_and_rerun_keeps_the_summary(tmp_path):
+  workdir = str(tmp_path / 'replay')
+  c = _config('stage=2', total_steps=4, checkpoint_every=2, log_every=1, global_batch_size=4, export_final=False,
+              keep_checkpoints=5)
+  loop.train(c, workdir, progress=False)
+  # As after a kill -9 between the checkpoint of step 2 and the end: metrics.jsonl holds steps 3 and 4 (and a line
+  # cut short), the checkpoints stop at 2.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 5, "lo')
+  loop.train(c, workdir, progress=False)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == [1, 2, 3, 4]
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    finished = json.load(f)
+  summary = loop.train(c, workdir, progress=False)  # nothing left to train
+  assert summary['steps'] == 4 and summary['metrics'] == finished['metrics'] and 'loss' in finished['metrics']
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    assert json.load(f)['metrics'] == finished['metrics']
+
+
+def test_no_usable_record_stops_with_the_skip_counts(tmp_path):
+  # 17 tokens hold the 16 image tokens and nothing else: truncation='drop' rejects every record.
+  t0 = time.perf_counter()
+  with pytest.raises(pipeline.NoUsableDataError, match=r'no usable record.*too_long=\d+'):
+    loop.train(_config('stage=2', **{'data.max_length': 17}), str(tmp_path / 'in_process'), progress=False)
+  assert time.perf_counter() - t0 < 300
+  proc = _cli(str(tmp_path / 'cli'), '--config.data.max_length=17')
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 4, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'no usable record' in last and 'too_long=' in last, last
 
 
 @pytest.mark.parametrize('spec', [

@@ -51,6 +51,11 @@ class DataError(RuntimeError):
   """A bad record under on_error='fail'; the message names the record id and its file."""
 
 
+class NoUsableDataError(DataError):
+  """Every record read, over the whole data twice, was rejected: no batch can ever be made (the message counts the
+  skips by reason). Raised instead of reading an endlessly repeated source forever."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Everything the input pipeline needs; `from_dict` builds it from a ConfigDict's `.to_dict()`."""
@@ -301,6 +306,10 @@ class DataIterator:
     self._stats: collections.Counter = collections.Counter()
     self._batches = 0
     self._done = False
+    # Rejected elements in a row. Two passes' worth of this process's share holds a whole epoch however the
+    # reshuffle at the epoch boundary falls, so that many in a row means no record of the data is usable.
+    self._rejected_in_a_row = 0
+    self._max_rejected_in_a_row = 2 * max(1, -(-self.num_records // process_count))
 
   @property
   def tokenizer(self) -> conv_lib.TextTokenizer:
@@ -341,7 +350,12 @@ class DataIterator:
         raise
       if '_error' in element:
         self._on_error(element)
+        self._rejected_in_a_row += 1
+        if self._rejected_in_a_row >= self._max_rejected_in_a_row:
+          self._done = True
+          raise NoUsableDataError(self._no_usable_message())
         continue
+      self._rejected_in_a_row = 0
       examples.append(element)
     self._stats['examples'] += len(examples)
     self._batches += 1
@@ -351,6 +365,14 @@ class DataIterator:
     if not cfg.with_index:
       del batch['index']
     return batch
+
+  def _no_usable_message(self) -> str:
+    cfg = self.config
+    stats = self.stats()
+    reasons = ', '.join(f'{kind}={stats[kind]}' for kind in ERROR_KINDS if stats[kind])
+    return (f'{cfg.json_path or cfg.tfds_dir}: no usable record: the last {self._rejected_in_a_row} records read '
+            f'(the {self.num_records} records twice over) were all rejected; skipped {stats["skipped"]}: {reasons} '
+            f'(max_length={cfg.max_length}, truncation={cfg.truncation})')
 
   def stats(self) -> dict[str, int]:
     """Counts of this process: examples, batches, skipped and each error kind seen."""

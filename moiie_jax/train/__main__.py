@@ -6,6 +6,10 @@ of known ones). Config overrides go on the command line as absl flags: `--config
 way to see every field a recipe sets (moiie_jax/train/recipe.py documents them).
 Multi-host: set MOIIE_DISTRIBUTED=1 (or pass --distributed) to call jax.distributed.initialize() first; it finds
 TPU pods and SLURM jobs by itself, elsewhere set COORDINATOR=host:port, NUM_PROCESSES and PROCESS_ID.
+
+Exit status: 0 trained to the end (or nothing was left to train); 2 a usage or config error; 3 a non-finite loss or
+state (the latest checkpoint is the last good one); 4 no usable record in the data (every record rejected; the
+line counts them by reason); 75 preempted by SIGTERM after saving a checkpoint: rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', os.environ.get('MOIIE_DISTRIBUTE
 _PRINT_CONFIG = flags.DEFINE_bool('print_config', False,
                                   'print the resolved config (recipe + --config.* overrides) as JSON and exit')
 flags.mark_flag_as_required('config')
+
+PREEMPTED = 75  # EX_TEMPFAIL: a scheduler may requeue; distinct from a finished run (0) and from errors
 
 _HELP_FLAGS = ('-h', '--help', '-help', '--helpshort', '-?', '--helpfull')
 
@@ -94,6 +100,14 @@ def main(argv: list[str]) -> int:
   except loop.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     return 3
+  except loop.pipeline.NoUsableDataError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 4
+  if summary['preempted']:
+    if jax.process_index() == 0:
+      print(f'preempted at step {summary["steps"]} of {summary["micro_steps"]}; rerun the same command to resume',
+            flush=True)
+    return PREEMPTED
   if jax.process_index() == 0:
     loss = summary['metrics'].get('loss')
     print(f'trained {summary["steps"]} micro-steps ({summary["updates"]} updates)'

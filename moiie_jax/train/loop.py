@@ -2,8 +2,8 @@
 
 One call trains one stage. Stage 2 starts from stage 1's exported folder (`init.checkpoint = STAGE1/final`) and,
 when the recipe asks for an MoE layer kind while that checkpoint is dense, upcycles the FFNs into experts first.
-Preemption (SIGTERM) saves a checkpoint and returns; a non-finite loss stops the run before anything is saved, so
-the last good checkpoint stays the latest.
+Preemption (SIGTERM) saves a checkpoint and returns. A non-finite loss, or non-finite parameters or optimizer state
+about to be saved, stops the run before anything is saved, so the latest checkpoint is always a good one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -40,7 +41,14 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN/inf; the run stopped and the last good checkpoint is intact."""
+  """The loss (or the state to be saved) became NaN/inf; the run stopped and the last good checkpoint is intact."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """bool[]: every floating leaf of `tree` is finite. One fused reduction on device; only the flag comes back."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -227,14 +235,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     start = int(restored['step'])
     if jax.process_index() == 0:
       print(f'{workdir}: resuming from step {start} of {micro_steps}', flush=True)
+  if jax.process_index() == 0:
+    _drop_metrics_after(os.path.join(workdir, 'metrics.jsonl'), start)
   preempted = ckpt_lib.install_preemption_handler()
-  writer = MetricWriter(os.path.join(workdir, 'tensorboard'), enabled=jax.process_index() == 0)
+  # purge_step hides the events of steps after the checkpoint that a killed run wrote, as metrics.jsonl drops them.
+  writer = MetricWriter(os.path.join(workdir, 'tensorboard'), enabled=jax.process_index() == 0,
+                        purge_step=start + 1)
 
   saved = [start]
 
   def save(step: int, force: bool = False) -> None:
     if saved[0] == step:
       return
+    # A finite loss was computed before the update: the weights it produced can still have blown up.
+    if not bool(_all_finite((params, opt_state))):
+      ckpt.wait()
+      data.close()
+      raise NonFiniteLossError(f'step {step}: loss is {float(metrics["loss"])} but the parameters or optimizer '
+                               f'state it updated are not finite; stopping without saving. The last good checkpoint '
+                               f'(step {ckpt.latest_step()}) is intact in {workdir}/checkpoints')
     saved[0] = step
     ckpt.save(step, {'params': params, 'opt_state': opt_state, 'rng': rng, 'data': data.get_state(), 'step': step,
                      'meta': {'total_steps': total_steps}}, force=force)
@@ -244,7 +263,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   step = start
   t0, tokens = time.perf_counter(), 0
   while step < micro_steps:
-    batch = next(data)
+    try:
+      batch = next(data)
+    except pipeline.NoUsableDataError:
+      bar.close()
+      ckpt.wait()
+      writer.close()
+      data.close()
+      raise
     tokens += int(batch['attention_mask'].sum())
     params, opt_state, metrics = train_step(params, opt_state, mesh_lib.global_batch(_model_inputs(batch), mesh))
     step += 1
@@ -278,15 +304,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       bar.close()
       writer.close()
       data.close()
-      return {'steps': step, 'updates': step // int(opt_cfg.grad_accum_steps), 'preempted': True, 'metrics': last}
+      return {'steps': step, 'micro_steps': micro_steps, 'updates': step // int(opt_cfg.grad_accum_steps),
+              'preempted': True, 'metrics': last}
     if step % config.checkpoint_every == 0:
       save(step)
   bar.close()
   save(step, force=True)
   ckpt.wait()
   writer.close()
-  summary = {'steps': step, 'updates': step // int(opt_cfg.grad_accum_steps), 'preempted': False, 'metrics': last,
-             'data_stats': data.stats()}
+  summary_path = os.path.join(workdir, 'summary.json')
+  if step == start and not last and os.path.exists(summary_path):
+    with open(summary_path) as f:  # a rerun of a finished run: the metrics of the run that trained stand
+      last = json.load(f).get('metrics', {})
+  summary = {'steps': step, 'micro_steps': micro_steps, 'updates': step // int(opt_cfg.grad_accum_steps),
+             'preempted': False, 'metrics': last, 'data_stats': data.stats()}
   if config.export_final:
     params = _to_host(params)  # every process takes part in gathering a multi-host array
   if config.export_final and jax.process_index() == 0:
@@ -297,10 +328,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                            overwrite=True)
     summary['export'] = final
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    with open(summary_path, 'w') as f:
       json.dump(summary, f, indent=2, default=float)
   data.close()
   return summary
+
+
+def _drop_metrics_after(path: str, step: int) -> None:
+  """Drops the lines of metrics.jsonl past `step`: a killed run wrote them, and the resumed run writes them again."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if _metrics_step(line) <= step]
+  if len(kept) == len(lines):
+    return
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(kept)
+  os.replace(path + '.tmp', path)  # a kill now leaves the old file or the new one, never half of one
+
+
+def _metrics_step(line: str) -> float:
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return math.inf  # a line cut short by a kill -9: dropped
 
 
 def _tokenizer_dir(path: str) -> str:

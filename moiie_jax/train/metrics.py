@@ -42,13 +42,17 @@ def routing_scalars(moe_stats: Any, cfg: LVLMConfig) -> dict[str, float]:
 
 
 class MetricWriter:
-  """Writes scalars (and routing fractions) to TensorBoard event files under `logdir`."""
+  """Writes scalars (and routing fractions) to TensorBoard event files under `logdir`.
 
-  def __init__(self, logdir: str, enabled: bool = True):
+  purge_step: TensorBoard hides the events of steps >= this one written earlier (by a run killed after its last
+  checkpoint, whose steps a resumed run writes again).
+  """
+
+  def __init__(self, logdir: str, enabled: bool = True, purge_step: int | None = None):
     self._writer = None
     if enabled:
       from tensorboardX import SummaryWriter
-      self._writer = SummaryWriter(logdir)
+      self._writer = SummaryWriter(logdir, purge_step=purge_step)
 
   def write(self, step: int, scalars: dict[str, float], moe_stats: Any = None, cfg: LVLMConfig | None = None):
     if self._writer is None:

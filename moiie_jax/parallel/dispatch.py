@@ -295,6 +295,21 @@ def _expert_major(segments: jax.Array, n_rows: int) -> tuple[jax.Array, jax.Arra
   return from_source, to_expert
 
 
+def grouped_moe(block: moe_lib.MoEBlock, x: jax.Array, modality: jax.Array, valid: jax.Array, groups: int, *,
+                capacity_factor: float | None = None) -> tuple[jax.Array, MoEStats]:
+  """The single-device statement of `moe_forward`: MoEBlock's own path on each of `groups` batch shards.
+
+  Capacity is per group, as on the mesh; statistics are combined over the groups. x: [B, T, D], B % groups == 0.
+  """
+  b, t, d = x.shape
+  if b % groups:
+    raise ConfigError(f'grouped_moe: batch size {b} is not divisible by groups={groups}')
+  call = lambda x, m, v: block.local(x, m, v, capacity_factor=capacity_factor)
+  split = lambda a: a.reshape((groups, b // groups) + a.shape[1:])  # [G, B/G, ...]: one group per device
+  y, stats = jax.vmap(call)(split(x), split(modality), split(valid))
+  return y.reshape(b, t, -1), combine_stats(stats, lambda a: jnp.sum(a, axis=0), block.moe.top_k)
+
+
 # ------------------------------------------------------------------------------------------------ the model hook
 _ACTIVE: contextvars.ContextVar[ExpertParallel | int | None] = contextvars.ContextVar('moiie_expert_parallel',
                                                                                       default=None)

@@ -178,3 +178,13 @@ def test_resource_exhausted_message_is_parsed():
          'exceeds available HBM (95.74G).')
   out = hlo_stats.parse_resource_exhausted(msg)
   assert out['required_bytes'] == 100 * 1024 ** 3 and out['available_bytes'] == int(95.74 * 1024 ** 3)
+
+
+def test_device_kinds_read_the_one_hardware_table():
+  from moiie_jax.train import flops
+  for kind, chip in (('TPU v4', 'v4'), ('TPU v5 lite', 'v5e'), ('TPU v5', 'v5p'), ('TPU v5p', 'v5p'),
+                     ('TPU v6 lite', 'v6e'), ('NVIDIA H100 80GB HBM3', 'h100'), ('NVIDIA H200', 'h200'),
+                     ('NVIDIA A100-SXM4-80GB', 'a100')):
+    assert topology.chip_of_device_kind(kind) is topology.HARDWARE[chip], kind
+    assert flops.peak_flops(kind) == topology.HARDWARE[chip].peak_flops
+  assert topology.chip_of_device_kind('cpu') is None and flops.peak_flops('cpu') is None

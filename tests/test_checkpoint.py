@@ -163,6 +163,11 @@ def test_mismatch_errors_name_the_parameter(tmp_path):
       checkpointer.restore(1, {'data': {'x': jnp.zeros(2)}})
     with pytest.raises(ckpt.CheckpointError, match='not JSON-serialisable'):
       checkpointer.save(2, {'data': {'x': {1, 2}}})
+  # The same checks from a Checkpointer that has not saved anything itself, as when a run resumes in a new process.
+  fresh = ckpt.Checkpointer(tmp_path / 'checkpoints')
+  with pytest.raises(ckpt.CheckpointError, match=r'multi_modal_projector\.linear_1\.kernel: stored shape'):
+    fresh.restore(1, {'params': wider})
+  fresh.close()
 
 
 def test_unfinished_save_is_ignored_and_cleaned(tmp_path):

@@ -183,6 +183,15 @@ def test_bad_inputs_give_one_line_errors_and_no_output(tmp_path, capsys):
   save_file(tensors, extra / 'model.safetensors', metadata={'format': 'pt'})
   assert 'surprise' in _run_cli_error(capsys, ['--llm', str(extra), '--vision', vision_dir, '--out', out])
 
+  # A shard cut short (an interrupted download): the file is named, not a numpy reshape error.
+  cut = tmp_path / 'cut'
+  _save(llm, cut)
+  weights = cut / 'model.safetensors'
+  with open(weights, 'r+b') as f:
+    f.truncate(weights.stat().st_size - 1000)
+  err = _run_cli_error(capsys, ['--llm', str(cut), '--vision', vision_dir, '--out', out])
+  assert str(weights) in err and 'truncated' in err, err
+
   # Nothing was written, not even a temporary folder.
   assert not os.path.exists(out)
   assert not [p for p in os.listdir(tmp_path) if p.startswith('out')]

@@ -168,15 +168,21 @@ def test_non_finite_state_is_never_saved_and_a_sane_rerun_continues(tmp_path):
   sane = dict(total_steps=2, checkpoint_every=1, log_every=1, global_batch_size=4, export_final=False,
               keep_checkpoints=5)
   loop.train(_config('stage=2', **sane), workdir, progress=False)
-  # Resume with an lr that overflows float32: step 3's loss (before the update) is finite, its weights are not.
-  c = _config('stage=2', **{**sane, 'total_steps': 4})
-  from moiie_jax.train import optimizer
-  for group, lr in optimizer.stage_param_groups(c.optimizer.stage, c.optimizer).items():
-    if lr is not None:  # the same trained groups, so that the optimizer state restores
-      c.optimizer.lr[group] = 1e300
-  with pytest.raises(loop.NonFiniteLossError, match=r'step 3: loss is .* parameters or optimizer state .*\(step 2\)'):
-    loop.train(c, workdir, progress=False)
-  from moiie_jax.train import checkpoint
+  from moiie_jax.train import checkpoint, optimizer
+
+  def blow_up(lr):
+    c = _config('stage=2', **{**sane, 'total_steps': 4})
+    for group, default in optimizer.stage_param_groups(c.optimizer.stage, c.optimizer).items():
+      if default is not None:  # the same trained groups, so that the optimizer state restores
+        c.optimizer.lr[group] = lr
+    return c
+
+  # Resume with an lr that makes step 3's weights huge but finite (|w| ~ 1e30): its loss (before the update) is
+  # finite, the loss of its weights is not. Then with one that overflows float32: the weights are not finite.
+  for lr, reason in ((1e30, r'the updated parameters give a loss of (nan|inf)'),
+                     (1e300, 'the parameters or optimizer state it updated are not finite')):
+    with pytest.raises(loop.NonFiniteLossError, match=rf'step 3: loss is .* but {reason}.*\(step 2\)'):
+      loop.train(blow_up(lr), workdir, progress=False)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.latest_step() == 2
   restored = ckpt.restore(2)
@@ -238,3 +244,31 @@ def test_every_recipe_builds_its_full_size_model(spec):
      and 'placement' not in spec and 'vision' not in spec:
     assert cfg.llm.moe.variant == 'moiie' and len(cfg.llm.moe_layers) == 16 and cfg.llm.moe.n_experts == 4
     assert cfg.num_image_tokens == 729 and 7e9 < n < 9e9, n  # 4 experts in 16 of 32 layers of Phi-3-mini
+
+
+@pytest.mark.parametrize('variant', ['dense', 'moiie'])
+def test_a_looped_checkpoint_loads_into_a_scanned_recipe_and_back(tmp_path, variant):
+  """A runlocal (looped) checkpoint as the init of a recipe that scans its layers: the same layers, restacked."""
+  c = _config(f'stage=2,variant={variant}')
+  cfg = recipe.model_config(c)
+  assert not cfg.llm.scan_layers
+  model = LVLM(cfg, rngs=nnx.Rngs(3))
+  looped = folder.save_folder(str(tmp_path / 'looped'), cfg, nnx.state(model, nnx.Param))
+  c.init.checkpoint = looped
+  c.model.scan_layers = True
+  scan_cfg, scanned, _ = loop.build_model(c)
+  assert scan_cfg.llm.scan_layers
+  from moiie_jax.convert import upcycle
+  source = {p: np.asarray(v) for p, v in _flat(nnx.state(model, nnx.Param)).items()}
+  target = _flat(nnx.state(scanned, nnx.Param))
+  llm = {p[1:]: v for p, v in source.items() if p[0] == 'language_model'}
+  expected = upcycle.relayout(llm, cfg.llm, scan_cfg.llm)
+  assert {('language_model',) + p for p in expected} | {p for p in source if p[0] != 'language_model'} == set(target)
+  for p, v in expected.items():
+    np.testing.assert_array_equal(target[('language_model',) + p], v)
+  # ... and back: the scanned model saved and loaded by a looped recipe gives the original arrays.
+  back_dir = folder.save_folder(str(tmp_path / 'scanned'), scan_cfg, nnx.state(scanned, nnx.Param))
+  c.init.checkpoint, c.model.scan_layers = back_dir, False
+  _, back, _ = loop.build_model(c)
+  for p, v in _flat(nnx.state(back, nnx.Param)).items():
+    np.testing.assert_array_equal(v, source[p])

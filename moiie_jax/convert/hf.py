@@ -61,6 +61,13 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     if dtype is None:
       raise ConvertError(f'{path}: tensor {name} has unsupported dtype {info["dtype"]}')
     start, end = info['data_offsets']
+    expected = int(np.prod(info['shape'], dtype=np.int64)) * np.dtype(dtype).itemsize
+    if end > len(data):
+      raise ConvertError(f'{path}: truncated: tensor {name} needs data bytes {start}..{end} but the file holds '
+                         f'{len(data)} after its header (an interrupted download or copy?)')
+    if end - start != expected:
+      raise ConvertError(f'{path}: tensor {name} has {end - start} bytes for shape {info["shape"]} '
+                         f'{info["dtype"]} ({expected} expected): the header is inconsistent')
     out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info['shape'])
   return out
 

@@ -36,6 +36,7 @@ class Chip:
   ici_bw: float  # interconnect bytes/s per chip, one direction (ICI for TPUs, NVLink for GPUs)
   chips_per_host: int
   source: str
+  device_kinds: tuple[str, ...] = ()  # prefixes of `jax.devices()[0].device_kind` on this chip (MFU of real runs)
 
   @property
   def hbm_bytes(self) -> int:
@@ -46,18 +47,34 @@ class Chip:
 # the table holds half of that, the bytes a chip can send (or receive) per second over all its links at once.
 HARDWARE: dict[str, Chip] = {c.name: c for c in (
     Chip('v4', 32, 275e12, 1200e9, 300e9, 4,
-         'cloud.google.com/tpu/docs/v4: 275 TF bf16, 32 GiB HBM2 at 1200 GBps; ICI 6 links x 50 GB/s (TPU v4 paper)'),
+         'cloud.google.com/tpu/docs/v4: 275 TF bf16, 32 GiB HBM2 at 1200 GBps; ICI 6 links x 50 GB/s (TPU v4 paper)',
+         ('TPU v4',)),
     Chip('v5e', 16, 197e12, 819e9, 200e9, 4,
-         'cloud.google.com/tpu/docs/v5e: 197 TF bf16, 16 GB HBM2 at 819 GBps, ICI 400 GBps bidirectional'),
+         'cloud.google.com/tpu/docs/v5e: 197 TF bf16, 16 GB HBM2 at 819 GBps, ICI 400 GBps bidirectional',
+         ('TPU v5 lite', 'TPU v5e')),
     Chip('v5p', 95, 459e12, 2765e9, 600e9, 4,
-         'cloud.google.com/tpu/docs/v5p: 459 TF bf16, 95 GiB HBM2e at 2765 GBps, ICI 1200 GBps bidirectional'),
+         'cloud.google.com/tpu/docs/v5p: 459 TF bf16, 95 GiB HBM2e at 2765 GBps, ICI 1200 GBps bidirectional',
+         ('TPU v5p', 'TPU v5')),
     Chip('v6e', 32, 918e12, 1638e9, 400e9, 4,
-         'cloud.google.com/tpu/docs/v6e: 918 TF bf16, 32 GB HBM at 1638 GBps, ICI 800 GBps bidirectional'),
+         'cloud.google.com/tpu/docs/v6e: 918 TF bf16, 32 GB HBM at 1638 GBps, ICI 800 GBps bidirectional',
+         ('TPU v6 lite', 'TPU v6e')),
     Chip('h100', 80, 989e12, 3350e9, 450e9, 8,
-         'NVIDIA H100 SXM datasheet: 989 TF bf16 dense, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s (450 each way)'),
+         'NVIDIA H100 SXM datasheet: 989 TF bf16 dense, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s (450 each way)',
+         ('NVIDIA H100',)),
     Chip('h200', 141, 989e12, 4800e9, 450e9, 8,
-         'NVIDIA H200 SXM datasheet: 989 TF bf16 dense, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s (450 each way)'),
+         'NVIDIA H200 SXM datasheet: 989 TF bf16 dense, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s (450 each way)',
+         ('NVIDIA H200',)),
+    Chip('a100', 80, 312e12, 2039e9, 300e9, 8,
+         'NVIDIA A100 SXM 80GB datasheet: 312 TF bf16 dense, 2039 GB/s, NVLink 600 GB/s (300 each way)',
+         ('NVIDIA A100',)),
 )}
+
+
+def chip_of_device_kind(device_kind: str) -> Chip | None:
+  """The HARDWARE row of a `jax.devices()[0].device_kind` ('TPU v5p', 'NVIDIA H100 80GB HBM3', ...), or None."""
+  matches = [(len(prefix), chip) for chip in HARDWARE.values() for prefix in chip.device_kinds
+             if device_kind.startswith(prefix)]
+  return max(matches, key=lambda m: m[0])[1] if matches else None
 
 # TPU slice shapes libtpu 0.0.42 accepts (Cloud TPU's names -> `get_topology_desc` topology strings).
 _CUBES = {8: '2x2x1', 16: '2x2x2', 32: '2x2x4', 64: '2x4x4', 128: '4x4x4', 256: '4x4x8', 512: '4x8x8'}

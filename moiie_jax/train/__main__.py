@@ -7,7 +7,8 @@ way to see every field a recipe sets (moiie_jax/train/recipe.py documents them).
 Multi-host: set MOIIE_DISTRIBUTED=1 (or pass --distributed) to call jax.distributed.initialize() first; it finds
 TPU pods and SLURM jobs by itself, elsewhere set COORDINATOR=host:port, NUM_PROCESSES and PROCESS_ID.
 
-Exit status: 0 trained to the end (or nothing was left to train); 2 a usage or config error; 3 a non-finite loss or
+Exit status: 0 trained to the end (or nothing was left to train); 2 a usage, config, data or workdir error (a
+workdir of another run, a full or read-only disk: one line names it); 3 a non-finite loss or
 state (the latest checkpoint is the last good one); 4 no usable record in the data (every record rejected; the
 line counts them by reason); 75 preempted by SIGTERM after saving a checkpoint: rerun the same command to resume.
 """
@@ -103,6 +104,9 @@ def main(argv: list[str]) -> int:
   except loop.pipeline.NoUsableDataError as e:
     print(f'error: {e}', file=sys.stderr)
     return 4
+  except loop.RunError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   if summary['preempted']:
     if jax.process_index() == 0:
       print(f'preempted at step {summary["steps"]} of {summary["micro_steps"]}; rerun the same command to resume',

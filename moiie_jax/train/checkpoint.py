@@ -20,8 +20,10 @@ right after; the write itself runs in the background until the next `save`, `wai
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import re
 import signal
 import threading
@@ -36,6 +38,46 @@ from moiie_jax.store.params import (CheckpointError, check_tree, decode_keys, en
                                     item_kind, quiet_orbax, restore_params, restore_template, save_params)
 
 _MANIFEST = 'manifest'
+# File-system errors a save can hit, by the text TensorStore and Orbax put in the messages they re-raise them with.
+_IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+class CheckpointSaveError(CheckpointError):
+  """A save failed on the file system (disk full, read-only, permission). The message names the cause, the step and
+  the folder; finished checkpoints before it are intact (an unfinished save leaves only a tmp folder)."""
+
+
+def io_cause(error: BaseException | None) -> str | None:
+  """'No space left on device' (or another file-system error's text) when `error` or an exception in its chain is
+  one; None otherwise. Orbax and TensorStore re-raise OS errors as ValueError and friends, so the text counts too."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _IO_ERRNOS:
+      return os.strerror(error.errno)
+    text = str(error)
+    for code in _IO_ERRNOS:
+      if os.strerror(code) in text:
+        return os.strerror(code)
+    error = error.__cause__ or error.__context__
+  return None
+
+
+class _QuietIOErrors(logging.Filter):
+  """Orbax's background writer logs a file-system failure with its whole traceback (hundreds of lines) before the
+  error reaches `save`/`wait`, which report it in one line: drop those records, keep every other one."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or 'orbax' not in record.pathname:
+      return True
+    try:
+      message = record.getMessage()
+    except Exception:  # pylint: disable=broad-except
+      return True
+    return io_cause(RuntimeError(message)) is None
+
+
+_QUIET_IO_ERRORS = _QuietIOErrors()
 _ITEM_NAME = re.compile(r'^[A-Za-z][A-Za-z0-9_]*$')
 
 
@@ -61,6 +103,10 @@ class Checkpointer:
                                            enable_async_checkpointing=async_)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._kinds: dict[str, str] = {}  # Orbax binds an item name to one handler for the manager's lifetime
+    self._pending: int | None = None  # the step an async save is still writing
+    for name in ('absl', 'orbax'):
+      if _QUIET_IO_ERRORS not in logging.getLogger(name).filters:
+        logging.getLogger(name).addFilter(_QUIET_IO_ERRORS)
 
   def save(self, step: int, state: dict[str, Any], force: bool = False) -> bool:
     """Saves `state` (item name -> pytree, array/key or JSON-able value) as checkpoint `step`.
@@ -90,7 +136,20 @@ class Checkpointer:
       else:
         args[name] = ocp.args.StandardSave(encode_keys(value))
     args[_MANIFEST] = ocp.args.JsonSave({'kinds': kinds, 'format': 1})
-    return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+    self.wait()  # the previous async save's failure is that save's, and is reported with its step
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    if saved:
+      self._pending = step
+    return saved
+
+  def _save_error(self, step: int | None, error: Exception) -> Exception:
+    cause = io_cause(error)
+    if cause is None:
+      return error
+    return CheckpointSaveError(f'{cause} while saving step {step} to {self.directory}')
 
   def latest_step(self) -> int | None:
     """The newest finished checkpoint (unfinished tmp folders never count), or None."""
@@ -147,15 +206,15 @@ class Checkpointer:
     return out
 
   def _check(self, step, where, template, kinds) -> None:
-    try:
-      metadata = self._manager.item_metadata(step)
-    except Exception:  # pylint: disable=broad-except
-      return  # no metadata (older format): Orbax still rejects a wrong shape, without the path
     for name, value in template.items():
       if kinds[name] == 'json' or value is None:
         continue
-      item = metadata.get(name) if hasattr(metadata, 'get') else None
-      stored = getattr(item, 'tree', None)
+      # Read by a handler of our own: the manager's item_metadata is None for an item it has not saved or restored
+      # in this process, which is every item of a run that resumes.
+      try:
+        stored = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / name).tree
+      except Exception:  # pylint: disable=broad-except
+        stored = None  # no metadata (older format): Orbax still rejects a wrong shape, without the path
       if stored is not None:
         template = restore_template({'value': value} if kinds[name] == 'leaf' else value)
         check_tree(f'{where} item {name!r}', stored, template)
@@ -169,9 +228,18 @@ class Checkpointer:
       await_cleanup()
 
   def wait(self) -> None:
-    """Blocks until an async save has been written and renamed into place."""
-    self._await_tmp_cleanup()
-    self._manager.wait_until_finished()
+    """Blocks until an async save has been written and renamed into place.
+
+    Raises CheckpointSaveError naming the step when that save failed on the file system."""
+    step, self._pending = self._pending, None
+    try:
+      self._await_tmp_cleanup()
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = self._save_error(step, e)
+      if error is e:
+        raise
+      raise error from e
 
   def close(self) -> None:
     """Waits for pending saves and releases the background threads."""

@@ -9,12 +9,7 @@ free; the LM head is a matmul and counts. MFU = model FLOPs per second / (device
 from __future__ import annotations
 
 from moiie_jax.models.config import LVLMConfig
-
-# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
-PEAK_FLOPS = {
-    'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12,
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
-}
+from moiie_jax.parallel import topology
 
 
 def llm_matmul_params_per_token(cfg: LVLMConfig) -> int:
@@ -60,11 +55,10 @@ def train_flops_per_step(cfg: LVLMConfig, batch: int, seq_len: int, images: int 
 
 
 def peak_flops(device_kind: str) -> float | None:
-  """Peak bf16 FLOP/s of a `jax.devices()[0].device_kind`, or None when unknown (a CPU, say)."""
-  for name, value in PEAK_FLOPS.items():
-    if device_kind.startswith(name):
-      return value
-  return None
+  """Peak dense bf16 FLOP/s of a `jax.devices()[0].device_kind` (the hardware table of `parallel/topology.py`,
+  which the compile-time estimates use too), or None when unknown (a CPU, say)."""
+  chip = topology.chip_of_device_kind(device_kind)
+  return chip.peak_flops if chip is not None else None
 
 
 def mfu(flops_per_step: float, step_seconds: float, n_devices: int, device_kind: str) -> float | None:

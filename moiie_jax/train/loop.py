@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -28,12 +29,14 @@ from moiie_jax.convert import folder as folder_lib
 from moiie_jax.convert import hf as hf_lib
 from moiie_jax.convert import upcycle as upcycle_lib
 from moiie_jax.data import pipeline
+from moiie_jax.models import config as config_lib
 from moiie_jax.models.config import ConfigError, LVLMConfig
 from moiie_jax.models.lvlm import LVLM
 from moiie_jax.parallel import mesh as mesh_lib
 from moiie_jax.train.step import ShardedTrainStep, make_sharded_train_step
 from moiie_jax.train import checkpoint as ckpt_lib
 from moiie_jax.train import optimizer as optimizer_lib
+from moiie_jax.train import progress as progress_lib
 from moiie_jax.train import recipe
 from moiie_jax.train.metrics import MetricWriter
 
@@ -42,6 +45,18 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
   """The loss (or the state to be saved) became NaN/inf; the run stopped and the last good checkpoint is intact."""
+
+
+class RunError(RuntimeError):
+  """The run cannot start or go on for a reason outside the code: a config value, the data, the workdir, the disk.
+
+  The message is one line that names the cause; the CLI prints it and exits 2. Earlier checkpoints are intact.
+  """
+
+
+# Errors of the inputs a run is built from (our own messages name the field, file or key); anything else is a bug
+# and keeps its traceback.
+_INPUT_ERRORS = (ValueError, pipeline.DataError, OSError)
 
 
 @jax.jit
@@ -67,8 +82,8 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[LVLMConfig, LVLM, di
     if not source_cfg.llm.moe.is_moe and cfg.llm.moe.is_moe:
       flat = upcycle_lvlm(flat, cfg, jax.random.key(config.seed), source_scan_layers=source_cfg.llm.scan_layers)
     elif source_cfg.llm.scan_layers != cfg.llm.scan_layers:
-      raise ValueError(f'{config.init.checkpoint}: saved with scan_layers={source_cfg.llm.scan_layers}; set '
-                       f'config.model.scan_layers to match (only upcycling changes the layer layout on load)')
+      # A looped checkpoint (runlocal, a conversion) into a scanned recipe, or back: the same layers, restacked.
+      flat = relayout_lvlm(flat, source_cfg, cfg)
   abstract = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0)))
   nnx.update(abstract, hf_lib.build_state(abstract, flat, config.init.checkpoint))
   return cfg, abstract, meta
@@ -91,6 +106,16 @@ def upcycle_lvlm(flat: dict, cfg: LVLMConfig, rng: jax.Array, source_scan_layers
   return out
 
 
+def relayout_lvlm(flat: dict, source: LVLMConfig, target: LVLMConfig) -> dict:
+  """An LVLM's flat parameters with the LLM's layers moved from `source`'s layout (looped or scanned) to
+  `target`'s."""
+  root = ('language_model',)
+  llm = {p[1:]: v for p, v in flat.items() if p[:1] == root}
+  out = {p: v for p, v in flat.items() if p[:1] != root}
+  out.update({root + p: v for p, v in upcycle_lib.relayout(llm, source.llm, target.llm).items()})
+  return out
+
+
 def data_config(config: ml_collections.ConfigDict, cfg: LVLMConfig, tokenizer_path: str,
                 workdir: str) -> pipeline.DataConfig:
   """The pipeline's DataConfig: the recipe's data fields, with the image recipe and image tokens from the model."""
@@ -109,6 +134,17 @@ def data_config(config: ml_collections.ConfigDict, cfg: LVLMConfig, tokenizer_pa
   d['num_epochs'] = None  # the loop stops by step count
   d['length_buckets'] = tuple(d.get('length_buckets') or ())
   return pipeline.DataConfig.for_model(cfg, pad_to_square=pad_to_square, **d)
+
+
+def check_context(config: ml_collections.ConfigDict, cfg: LVLMConfig) -> None:
+  """data.max_length (and its buckets) must fit the language model's positions: RoPE past them is extrapolation
+  the model never saw, and a learned position table would be indexed out of range."""
+  context = int(cfg.llm.max_position_embeddings)
+  longest = max([int(config.data.max_length), *[int(b) for b in (config.data.get('length_buckets') or ())]])
+  if longest > context:
+    source = f' ({config.init.checkpoint}/config.json)' if config.init.checkpoint else ''
+    raise ConfigError(f'config.data.max_length={longest} exceeds the language model\'s context of {context} '
+                      f'tokens (llm.max_position_embeddings{source}); lower data.max_length')
 
 
 def grad_accum_steps(config: ml_collections.ConfigDict, processes: int | None = None) -> int:
@@ -179,6 +215,7 @@ def build_training(config: ml_collections.ConfigDict, *, workdir: str | None = N
   only when not abstract (the runlocal recipes generate their demo data set there).
   """
   processes = jax.process_count() if processes is None else int(processes)
+  check_context(config, model_config(config))
   if abstract:
     cfg, meta = model_config(config), {}
     model = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(config.seed)))
@@ -218,8 +255,11 @@ def build_training(config: ml_collections.ConfigDict, *, workdir: str | None = N
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """Trains one stage in `workdir`; returns a summary (steps, last metrics, export path)."""
   compile_cache.enable()
-  os.makedirs(workdir, exist_ok=True)
-  t = build_training(config, workdir=workdir)
+  _check_workdir(workdir)
+  try:
+    t = build_training(config, workdir=workdir)
+  except _INPUT_ERRORS as e:
+    raise RunError(_one_line(e)) from e
   cfg, model, meta, data, tokenizer_path = t.cfg, t.model, t.meta, t.data, t.tokenizer_path
   opt_cfg, mesh, train_step = t.opt_cfg, t.mesh, t.step
   total_steps, micro_steps = t.total_steps, t.micro_steps
@@ -229,9 +269,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
   start = 0
   if ckpt.latest_step() is not None:
-    restored = ckpt.restore(None, {'params': params, 'opt_state': opt_state, 'rng': rng})
+    try:
+      restored = ckpt.restore(None, {'params': params, 'opt_state': opt_state, 'rng': rng})
+    except ckpt_lib.CheckpointError as e:
+      data.close()
+      raise RunError(_another_run(ckpt, workdir, cfg, e)) from e
     params, opt_state, rng = restored['params'], restored['opt_state'], restored['rng']
-    data.set_state(restored['data'])
+    try:
+      data.set_state(restored['data'])
+    except ValueError as e:
+      data.close()
+      raise RunError(f'{workdir}: the checkpoint was written with other data settings ({_one_line(e)}); use '
+                     f'another --workdir or the same data config') from e
     start = int(restored['step'])
     if jax.process_index() == 0:
       print(f'{workdir}: resuming from step {start} of {micro_steps}', flush=True)
@@ -243,36 +292,61 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                         purge_step=start + 1)
 
   saved = [start]
+  run_meta = {'total_steps': total_steps, 'model': config_lib.to_dict(cfg)}
 
   def save(step: int, force: bool = False) -> None:
+    """Saves `step` (async unless `force`, which also waits until it is on disk)."""
     if saved[0] == step:
+      if force:
+        finish()
       return
-    # A finite loss was computed before the update: the weights it produced can still have blown up.
+    # The loss of a step is computed before its update: the weights the update produced can still have blown up,
+    # to NaN/inf or to huge finite values (|w| ~ 1e30). Before saving, the state must be finite and the loss of the
+    # new weights on the step's batch (one forward pass, as the next step would do) too.
+    reason = None
     if not bool(_all_finite((params, opt_state))):
-      ckpt.wait()
-      data.close()
-      raise NonFiniteLossError(f'step {step}: loss is {float(metrics["loss"])} but the parameters or optimizer '
-                               f'state it updated are not finite; stopping without saving. The last good checkpoint '
-                               f'(step {ckpt.latest_step()}) is intact in {workdir}/checkpoints')
+      reason = 'the parameters or optimizer state it updated are not finite'
+    else:
+      after = float(train_step.eval_step(params, batch)['loss'])
+      if not math.isfinite(after):
+        reason = f'the updated parameters give a loss of {after} on the same batch'
+    if reason is not None:
+      _stop(ckpt, data, bar, writer)
+      raise NonFiniteLossError(f'step {step}: loss is {float(metrics["loss"])} but {reason}; stopping without '
+                               f'saving. The last good checkpoint ({_last_good(ckpt)}) is intact in '
+                               f'{workdir}/checkpoints')
     saved[0] = step
-    ckpt.save(step, {'params': params, 'opt_state': opt_state, 'rng': rng, 'data': data.get_state(), 'step': step,
-                     'meta': {'total_steps': total_steps}}, force=force)
+    try:
+      ckpt.save(step, {'params': params, 'opt_state': opt_state, 'rng': rng, 'data': data.get_state(),
+                       'step': step, 'meta': run_meta}, force=force)
+    except ckpt_lib.CheckpointSaveError as e:
+      _stop(ckpt, data, bar, writer, wait=False)
+      raise RunError(f'{e}; the checkpoints before it are intact (latest: {_last_good(ckpt)})') from e
+    if force:
+      finish()
 
-  bar = _progress(micro_steps, start, enabled=progress and jax.process_index() == 0)
+  def finish() -> None:
+    """Waits for the pending async save; its failure is reported like a failed save."""
+    try:
+      ckpt.wait()
+    except ckpt_lib.CheckpointSaveError as e:
+      _stop(ckpt, data, bar, writer, wait=False)
+      raise RunError(f'{e}; the checkpoints before it are intact (latest: {_last_good(ckpt)})') from e
+
+  bar = progress_lib.progress(micro_steps, start, enabled=progress and jax.process_index() == 0,
+                              updates_per_step=int(opt_cfg.grad_accum_steps))
   last: dict[str, float] = {}
   step = start
   t0, tokens = time.perf_counter(), 0
   while step < micro_steps:
     try:
-      batch = next(data)
+      host_batch = next(data)
     except pipeline.NoUsableDataError:
-      bar.close()
-      ckpt.wait()
-      writer.close()
-      data.close()
+      _stop(ckpt, data, bar, writer)
       raise
-    tokens += int(batch['attention_mask'].sum())
-    params, opt_state, metrics = train_step(params, opt_state, mesh_lib.global_batch(_model_inputs(batch), mesh))
+    tokens += int(host_batch['attention_mask'].sum())
+    batch = mesh_lib.global_batch(_model_inputs(host_batch), mesh)
+    params, opt_state, metrics = train_step(params, opt_state, batch)
     step += 1
     stop = preempted()  # on several hosts a collective: every process asks once per step
     due_save = stop or step % config.checkpoint_every == 0 or step == micro_steps
@@ -280,10 +354,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       # Checked before every save too: NaN parameters give a NaN loss, so nothing non-finite is ever saved.
       loss = float(metrics['loss'])
       if not math.isfinite(loss):
-        ckpt.wait()
-        data.close()
+        _stop(ckpt, data, bar, writer)
         raise NonFiniteLossError(f'step {step}: loss is {loss}; stopping. The last good checkpoint '
-                                 f'(step {ckpt.latest_step()}) is intact in {workdir}/checkpoints')
+                                 f'({_last_good(ckpt)}) is intact in {workdir}/checkpoints')
     if step % config.log_every == 0 or step == micro_steps:
       last = _scalars(metrics)
       elapsed = time.perf_counter() - t0
@@ -299,9 +372,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     bar.update(1)
     if stop:
       save(step, force=True)
-      ckpt.wait()
-      log.warning('SIGTERM received: saved step %d and stopping', step)
       bar.close()
+      log.warning('SIGTERM received: saved step %d and stopping', step)
       writer.close()
       data.close()
       return {'steps': step, 'micro_steps': micro_steps, 'updates': step // int(opt_cfg.grad_accum_steps),
@@ -310,7 +382,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       save(step)
   bar.close()
   save(step, force=True)
-  ckpt.wait()
   writer.close()
   summary_path = os.path.join(workdir, 'summary.json')
   if step == start and not last and os.path.exists(summary_path):
@@ -332,6 +403,66 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       json.dump(summary, f, indent=2, default=float)
   data.close()
   return summary
+
+
+def _check_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks that files can be written in it, before anything is built."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix='.write_check_', dir=workdir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise RunError(f'--workdir {workdir}: cannot write there ({e.strerror or e})') from e
+
+
+def _one_line(error: BaseException) -> str:
+  return ' '.join(str(error).split()) or type(error).__name__
+
+
+def _last_good(ckpt: ckpt_lib.Checkpointer) -> str:
+  step = ckpt.latest_step()
+  return 'none yet' if step is None else f'step {step}'
+
+
+def _stop(ckpt, data, bar, writer, wait: bool = True) -> None:
+  """Releases what the loop holds before it raises: pending saves finish, workers and files close."""
+  bar.close()
+  if wait:
+    ckpt.wait()
+  writer.close()
+  data.close()
+
+
+def _another_run(ckpt: ckpt_lib.Checkpointer, workdir: str, cfg: LVLMConfig, error: Exception) -> str:
+  """Why the latest checkpoint in `workdir` does not restore into the model of `cfg`, in one line."""
+  try:
+    meta = ckpt.restore(None, {}).get('meta') or {}
+  except Exception:  # pylint: disable=broad-except
+    meta = {}
+  stored, wanted = meta.get('model'), config_lib.to_dict(cfg)
+  if isinstance(stored, dict):
+    old_variant = stored.get('llm', {}).get('moe', {}).get('variant')
+    new_variant = cfg.llm.moe.variant
+    if old_variant != new_variant:
+      return (f'{workdir} holds a {old_variant} run, the config asks for {new_variant}: use another --workdir '
+              f'(or the config of that run)')
+    diff = [f'{k}={a!r} there, {b!r} here' for k, (a, b) in _differences(stored, wanted).items()]
+    if diff:
+      return (f'{workdir} holds a run of another model ({"; ".join(diff[:4])}{"; ..." if len(diff) > 4 else ""}): '
+              f'use another --workdir')
+  first = str(error).split('\n')
+  detail = ' '.join(' '.join(first[:2]).split())
+  return f'{workdir} holds a run that does not restore into this config ({detail}): use another --workdir'
+
+
+def _differences(a: Any, b: Any, prefix: str = '') -> dict[str, tuple[Any, Any]]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = {}
+    for key in sorted(set(a) | set(b)):
+      out.update(_differences(a.get(key), b.get(key), f'{prefix}{key}.'))
+    return out
+  return {} if a == b else {prefix[:-1]: (a, b)}
 
 
 def _drop_metrics_after(path: str, step: int) -> None:
@@ -376,21 +507,3 @@ def _to_host(tree):
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items() if k != 'moe_stats' and np.ndim(v) == 0}
-
-
-class _NoBar:
-  def update(self, n):
-    pass
-
-  def set_postfix(self, **kw):
-    pass
-
-  def close(self):
-    pass
-
-
-def _progress(total: int, start: int, enabled: bool):
-  if not enabled:
-    return _NoBar()
-  from tqdm import tqdm
-  return tqdm(total=total, initial=start, unit='step', dynamic_ncols=True, leave=False)

@@ -19,8 +19,11 @@ A recipe file is `configs/NAME.py` with `get_config(arg)` returning `base_config
   mesh.data/fsdp/expert/tensor  device mesh axis sizes (-1 = the rest). Default fsdp=-1: parameters, gradients and
                             optimizer state sharded over every device, gathered a layer at a time (MaxText's
                             default); data=-1 would replicate them on every device, which no chip holds at full size
-  num_epochs, total_steps   total_steps = 0 means num_epochs over the data
-  log_every, checkpoint_every, keep_checkpoints, export_final
+  num_epochs, total_steps   total_steps counts optimizer updates; 0 means num_epochs over the data
+  log_every, checkpoint_every
+                            count micro-steps (one batch of data.batch_size per process each; an update is
+                            grad_accum_steps of them), as the progress bar and checkpoint step numbers do
+  keep_checkpoints, export_final
 """
 
 from __future__ import annotations

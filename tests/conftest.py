@@ -6,8 +6,13 @@ The XLA flag must be set before jax is imported anywhere, which is why it lives 
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+# 8 CPU devices; and, for the suite's speed, cheaper LLVM code generation on the CPU: the tests are tiny, so they are
+# bound by compiling, not running (-20% of the suite's time on the 2-core CI machine, every result the same).
+# tests/test_aot.py takes the last two out again for its TPU compiles, whose reports must be the real ones.
+TEST_ONLY_XLA_FLAGS = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+for _flag in ('--xla_force_host_platform_device_count=8',) + TEST_ONLY_XLA_FLAGS:
+  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -21,4 +26,8 @@ import jax  # noqa: E402
 
 from moiie_jax import compile_cache  # noqa: E402
 
+# pytest-xdist's two workers (pytest.ini) share the cache folder with each other and with the processes the tests
+# start, as those processes always did. JAX's cache has no lock unless it evicts (and then it rescans the folder on
+# every write: 3x slower here); an entry read while another process is still writing it fails to load, and JAX
+# warns and compiles it again.
 compile_cache.enable()

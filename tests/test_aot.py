@@ -19,7 +19,9 @@ TINY = ['--config', 'configs/phi3_mini_moiie.py:stage=2,runlocal=True']
 
 
 def _aot(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  from conftest import TEST_ONLY_XLA_FLAGS  # the suite's cheaper CPU codegen must not change a TPU report
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if f not in TEST_ONLY_XLA_FLAGS]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(flags))
   return subprocess.run([sys.executable, '-m', 'moiie_jax.aot', *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600)
 

@@ -215,17 +215,23 @@ def build_training(config: ml_collections.ConfigDict, *, workdir: str | None = N
   only when not abstract (the runlocal recipes generate their demo data set there).
   """
   processes = jax.process_count() if processes is None else int(processes)
-  check_context(config, model_config(config))
+  cfg = model_config(config)
+  check_context(config, cfg)
   if abstract:
-    cfg, meta = model_config(config), {}
+    meta = {}
     model = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(config.seed)))
     data_cfg, data, tokenizer_path = None, None, None
   else:
-    cfg, model, meta = build_model(config)
+    # The data first: a wrong path or a broken file is reported before any weights are made or read.
     tokenizer_path = config.data.tokenizer_path or config.init.checkpoint
     data_cfg = data_config(config, cfg, tokenizer_path, workdir)
     tokenizer_path = data_cfg.tokenizer_path
     data = pipeline.make_iterator(data_cfg, process_index=jax.process_index(), process_count=processes)
+    try:
+      cfg, model, meta = build_model(config)
+    except BaseException:
+      data.close()
+      raise
 
   opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
   opt_cfg.grad_accum_steps = grad_accum_steps(config, processes)

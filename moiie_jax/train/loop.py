@@ -215,43 +215,45 @@ def build_training(config: ml_collections.ConfigDict, *, workdir: str | None = N
   only when not abstract (the runlocal recipes generate their demo data set there).
   """
   processes = jax.process_count() if processes is None else int(processes)
+  # What the config alone decides is checked first, then the data, then the weights are made or read: a typo, a
+  # wrong path or a broken file is reported in seconds.
   cfg = model_config(config)
   check_context(config, cfg)
+  opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
+  opt_cfg.grad_accum_steps = grad_accum_steps(config, processes)
+  if devices is None:
+    n_devices = int(config.get('mesh_devices', 0))
+    devices = jax.local_devices()[:n_devices] if n_devices else None
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
   if abstract:
     meta = {}
     model = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(config.seed)))
     data_cfg, data, tokenizer_path = None, None, None
   else:
-    # The data first: a wrong path or a broken file is reported before any weights are made or read.
     tokenizer_path = config.data.tokenizer_path or config.init.checkpoint
     data_cfg = data_config(config, cfg, tokenizer_path, workdir)
     tokenizer_path = data_cfg.tokenizer_path
     data = pipeline.make_iterator(data_cfg, process_index=jax.process_index(), process_count=processes)
-    try:
+  try:
+    if not abstract:
       cfg, model, meta = build_model(config)
-    except BaseException:
+    total_steps = int(config.total_steps)  # optimizer updates
+    if total_steps <= 0 and abstract:
+      total_steps = ABSTRACT_TOTAL_STEPS
+    elif total_steps <= 0:
+      global_batch = data_cfg.batch_size * processes * opt_cfg.grad_accum_steps
+      total_steps = max(1, math.ceil(data.num_records * config.num_epochs / global_batch))
+    opt_cfg.total_steps = total_steps
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
+    source = data_cfg or config.data  # the same batch_size and max_length either way
+    batch = batch_shapes(cfg, source.batch_size * processes, source.max_length)
+    step = make_sharded_train_step(graphdef, tx, cfg, mesh, params, batch)
+  except BaseException:
+    if data is not None:  # its worker processes would outlive the error
       data.close()
-      raise
-
-  opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
-  opt_cfg.grad_accum_steps = grad_accum_steps(config, processes)
-  total_steps = int(config.total_steps)  # optimizer updates
-  if total_steps <= 0 and abstract:
-    total_steps = ABSTRACT_TOTAL_STEPS
-  elif total_steps <= 0:
-    global_batch = data_cfg.batch_size * processes * opt_cfg.grad_accum_steps
-    total_steps = max(1, math.ceil(data.num_records * config.num_epochs / global_batch))
-  opt_cfg.total_steps = total_steps
-
-  if devices is None:
-    n_devices = int(config.get('mesh_devices', 0))
-    devices = jax.local_devices()[:n_devices] if n_devices else None
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
-  source = data_cfg or config.data  # the same batch_size and max_length either way
-  batch = batch_shapes(cfg, source.batch_size * processes, source.max_length)
-  step = make_sharded_train_step(graphdef, tx, cfg, mesh, params, batch)
+    raise
   return Training(cfg=cfg, model=model, meta=meta, opt_cfg=opt_cfg, mesh=mesh, graphdef=graphdef, params=params,
                   step=step, batch=batch, processes=processes, data_cfg=data_cfg, data=data,
                   tokenizer_path=tokenizer_path)

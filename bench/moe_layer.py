@@ -29,7 +29,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moiie_jax.models.config import LLMConfig, MoEConfig  # noqa: E402
 from moiie_jax.models.moe import MoEBlock, expert_capacity, weighted_aux_loss  # noqa: E402
-from moiie_jax.models.routing import grouped_blocks  # noqa: E402
+from moiie_jax.models.gmm import scan_tile  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'moe_layer.json')
 
@@ -130,9 +130,12 @@ def main() -> None:
   fwd_flops = {name: flops(fwd, p, x) for name, (_, fwd, p) in cases.items()}
   step_flops = {name: flops(jax.value_and_grad(loss, argnums=(0, 1)), p, x) for name, (loss, _, p) in cases.items()}
   _, stats = jax.jit(moe_forward(args.capacity_factor))(params, x)
-  # XLA's cost analysis counts a while loop's body once, so the grouped dropless path (a scan over G blocks) is
-  # counted by hand: G*b rows through the three expert matmuls, plus the routers (both run on every token).
-  block, n_blocks = grouped_blocks(n * k, moe.n_experts)
+  # XLA's cost analysis counts a while loop's body once, so the CPU's grouped dropless path (`gmm` scan backend: a
+  # loop over the occupied (tile, expert) pairs of the N*K rows sorted by expert) is counted by hand: its rows
+  # through the three expert matmuls, at most N*K + (E - 1) * tile of them (a tile straddling an expert boundary is
+  # visited once per expert; an upper bound), plus the routers (both run on every token).
+  block = scan_tile(n * k, moe.n_experts)
+  n_blocks = -(-(n * k + (moe.n_experts - 1) * block) // block)
   router_flops = 2 * n * d * (moe.n_vision + 2 * moe.n_shared + moe.n_language)
   fwd_flops['moiie_dropless_xla_one_iteration'] = fwd_flops['moiie_dropless']
   fwd_flops['moiie_dropless'] = 2 * 3 * n_blocks * block * d * f + router_flops
@@ -147,7 +150,7 @@ def main() -> None:
       'shape': {'tokens': n, 'd': d, 'f': f, 'experts': moe.n_experts, 'layout': '1 vision + 2 shared + 1 language',
                 'top_k': k, 'image_fraction': args.image_tokens / t, 'capacity_factor': args.capacity_factor,
                 'capacity': expert_capacity(moe, n, args.capacity_factor),
-                'dropless_grouped_rows': n_blocks * block, 'dropless_block_rows': block},
+                'dropless_rows_at_most': n_blocks * block, 'dropless_tile_rows': block},
       'iters': args.iters,
       'median_s': med,
       'min_s': best,
@@ -185,7 +188,7 @@ def main() -> None:
           f'{med_cpu[name] / med_cpu[ref]:>9.2f}{fwd_flops[name] / 1e9:>11.2f}'
           f'{fwd_flops[name] / ideal_fwd:>9.3f}{step_flops[name] / 1e9:>15.2f}')
   print(f'ideal forward {ideal_fwd / 1e9:.2f} GFLOP; capacity {result["shape"]["capacity"]} rows/expert, '
-        f'{100 * result["capacity_dropped_fraction"]:.1f}% of choices dropped; dropless: {n_blocks} blocks of '
+        f'{100 * result["capacity_dropped_fraction"]:.1f}% of choices dropped; dropless: at most {n_blocks} tiles of '
         f'{block} rows (FLOPs counted by hand: XLA counts a scan body once); wrote {args.out}')
 
 

@@ -79,7 +79,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
   """x: [M, K] rows sorted by group; w: [G, K, N]; group_sizes: int[G] (sum <= M) -> [M, N] in x's dtype.
 
   Rows past sum(group_sizes) give 0 and get no gradient. `tile_rows` (R) is the scan backend's row tile; None
-  picks a power of two near M / (8G) in [8, 512] (see `_scan_tile`). x and w must share a dtype.
+  picks a power of two near M / (8G) in [8, 512] (see `scan_tile`). x and w must share a dtype.
   """
   if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1] or group_sizes.shape != (w.shape[0],):
     raise ValueError(f'grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got x {x.shape}, '
@@ -87,15 +87,15 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
   x, w, sizes = _vary_alike(x, w, group_sizes.astype(jnp.int32))
   backend = resolve(impl)
   if backend == 'scan':
-    return _scan_gmm(x, w, sizes, tile_rows or _scan_tile(x.shape[0], w.shape[0]))
+    return _scan_gmm(x, w, sizes, tile_rows or scan_tile(x.shape[0], w.shape[0]))
   if backend == 'ragged_dot':
     return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=x.dtype)
   return _megablox(x, w, sizes, interpret=platform() != 'tpu')
 
 
 # ------------------------------------------------------------------------------------------------ scan
-def _scan_tile(m: int, g: int) -> int:
-  """Rows per tile: ~M / (8G), a power of two in [8, 512]. A tile that straddles a group boundary is visited once
+def scan_tile(m: int, g: int) -> int:
+  """The scan backend's rows per tile for M rows in G groups: ~M / (8G), a power of two in [8, 512]. A tile that straddles a group boundary is visited once
   per group, so the wasted rows are at most (G - 1) * R ~ M / 8, while tiles stay large enough for a matmul."""
   target = max(1.0, m / (8 * g))
   return int(min(512, max(8, 2 ** round(math.log2(target)))))

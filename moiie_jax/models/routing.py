@@ -143,14 +143,6 @@ def assign_slots(experts: jax.Array, routed: jax.Array, n_experts: int,
   return _slot_maps(experts.T * capacity + rank, kept, n_experts * capacity)
 
 
-def grouped_blocks(n_choices: int, n_experts: int) -> tuple[int, int]:
-  """(block rows R, blocks Q) of the dropless grouped layout for N*K choices: each expert's rows padded to a
-  multiple of R, so at most (N*K + E*(R-1)) / R blocks. R ~ N*K / (8E) (a power of two in [8, 512]) keeps the
-  padding near 1/8 of the work while blocks stay large enough for an efficient matmul."""
-  b = int(min(512, max(8, 2 ** round(np.log2(max(1.0, n_choices / (8 * n_experts)))))))
-  return b, (n_choices + n_experts * (b - 1)) // b
-
-
 def assign_grouped(experts: jax.Array, routed: jax.Array, n_experts: int, block: int,
                    n_blocks: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Dropless layout: choices sorted by expert into Q blocks of R rows, every block holding one expert's rows.

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from moiie_jax.models import partitioning
 from moiie_jax.models import rope
 from moiie_jax.models import attention as attn
 from moiie_jax.models.attention import Attention, logical
@@ -153,15 +154,16 @@ class DecoderLayer(nnx.Module):
 
     Returns (x [B, T, D], MoE stats or None, the cache (k, v) with this layer's K/V written, or None).
     """
+    x_btd = partitioning.batch_sharded(x_btd)
     h, kv = self.self_attn(self.input_layernorm(x_btd), inputs.cos, inputs.sin, inputs.mask, kv, layer,
                            inputs.cache_index)
-    x_btd = x_btd + h
+    x_btd = partitioning.batch_sharded(x_btd + h)
     h = self.post_attention_layernorm(x_btd)
     if self.is_moe:
       h, stats = self.mlp(h, inputs.modality, inputs.valid)
     else:
       h, stats = self.mlp(h), None
-    return x_btd + h, stats, kv
+    return partitioning.batch_sharded(x_btd + h), stats, kv
 
 
 def _stacked_layers(cfg: LLMConfig, member: int, blocks: int, rngs: nnx.Rngs) -> DecoderLayer:
@@ -289,6 +291,7 @@ class Decoder(nnx.Module):
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError('Decoder: pass exactly one of input_ids and inputs_embeds')
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(self.cfg.dtype))
+    x = partitioning.batch_sharded(x)
     batch, length = x.shape[:2]
     inputs = self.layer_inputs(batch, length, attention_mask, positions, modality, cache)
     run = nnx.remat(_run_layer, policy=REMAT_POLICIES[self.cfg.remat_policy]) if self.cfg.remat else _run_layer
@@ -329,7 +332,7 @@ class CausalLM(nnx.Module):
       out = jnp.einsum('BTD,VD->BTV', hidden_btd, embedding)
     else:
       out = self.lm_head(hidden_btd)
-    return out.astype(jnp.float32)
+    return partitioning.batch_sharded(out.astype(jnp.float32))
 
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moiie_jax.models import partitioning
 from moiie_jax.models.config import VisionConfig
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -107,8 +108,9 @@ class EncoderLayer(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]."""
-    x = x + self.self_attn(self.layer_norm1(x))
-    return x + self.mlp(self.layer_norm2(x))
+    x = partitioning.batch_sharded(x)
+    x = partitioning.batch_sharded(x + self.self_attn(self.layer_norm1(x)))
+    return partitioning.batch_sharded(x + self.mlp(self.layer_norm2(x)))
 
 
 class Encoder(nnx.Module):

@@ -46,16 +46,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moiie_jax.models import gmm
 from moiie_jax.models import moe as moe_lib
+from moiie_jax.models import partitioning
 from moiie_jax.models.config import ConfigError, MoEConfig
 from moiie_jax.models.routing import MoEStats, assign_grouped, assign_slots, route, routing_masks, routing_stats
 from moiie_jax.parallel import mesh as mesh_lib
@@ -327,12 +329,21 @@ def expert_parallel(plan: ExpertParallel | int | None):
     hook = lambda block, x, modality, valid, cf: dispatch(block, x, modality, valid, plan, capacity_factor=cf)
   # A mesh fixes the platform; an int plan (one device) leaves it to the caller's context or the default backend.
   target = gmm.target_platform(plan.platform) if isinstance(plan, ExpertParallel) else contextlib.nullcontext()
+  # On a mesh, the [B, ...] activations of the decoder and the tower stay split over the batch axes (see
+  # models/partitioning.py: without it a dense FSDP step all-reduces every matmul's output).
+  pin = functools.partial(_batch_sharded, plan.mesh) if isinstance(plan, ExpertParallel) else None
   token = _ACTIVE.set(plan)
   try:
-    with moe_lib.dispatching(hook), target:
+    with moe_lib.dispatching(hook), target, partitioning.constraining(pin):
       yield plan
   finally:
     _ACTIVE.reset(token)
+
+
+def _batch_sharded(mesh: Mesh, x: jax.Array) -> jax.Array:
+  """x [B, ...] constrained to B over the mesh's batch axes (those that divide B), the rest replicated."""
+  spec = mesh_lib.spec_for(('batch',) + (None,) * (x.ndim - 1), mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def active() -> ExpertParallel | int | None:

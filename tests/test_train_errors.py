@@ -33,11 +33,8 @@ def _train_cli(workdir, *overrides, recipe_args='stage=2,runlocal=True', preambl
 
 def _one_error_line(code, err):
   assert code == 2, err[-30:]
-  errors = [line for line in err if line.startswith('error: ')]
-  assert len(errors) == 1 and errors[0] == err[-1], err[-30:]
-  # Nothing else of ours: the only other lines allowed are libtpu's start-up notices (the test venv has libtpu).
-  assert not [line for line in err[:-1] if 'Traceback' in line or 'moiie_jax' in line], err[-30:]
-  return errors[0]
+  assert len(err) == 1 and err[0].startswith('error: '), err[-30:]  # the whole of stderr: one line
+  return err[0]
 
 
 def test_malformed_json_data_is_one_line(tmp_path):
@@ -112,8 +109,8 @@ def test_disk_full_while_saving_is_one_line_and_earlier_checkpoints_restore(tmp_
                             '--config.global_batch_size=4', preamble=_DISK_FULL)
   line = _one_error_line(code, err)
   assert 'No space left on device while saving step 4' in line and 'latest: step 2' in line, line
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  assert ckpt.latest_step() == 2 and int(ckpt.restore(2)['step']) == 2
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
+    assert ckpt.latest_step() == 2 and int(ckpt.restore(2)['step']) == 2
 
 
 def test_an_async_write_failure_names_its_own_step(tmp_path, monkeypatch):
@@ -129,6 +126,8 @@ def test_an_async_write_failure_names_its_own_step(tmp_path, monkeypatch):
   monkeypatch.setattr(ckpt._manager, 'wait_until_finished', failing_wait)
   with pytest.raises(checkpoint.CheckpointSaveError, match='No space left on device while saving step 2 to '):
     ckpt.save(3, {'x': {'a': np.ones(3)}})
+  monkeypatch.undo()
+  ckpt.close()  # its background threads must not outlive the test
 
 
 @pytest.mark.parametrize('value', [errno.ENOSPC, errno.EROFS])

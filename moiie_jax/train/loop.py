@@ -2,8 +2,10 @@
 
 One call trains one stage. Stage 2 starts from stage 1's exported folder (`init.checkpoint = STAGE1/final`) and,
 when the recipe asks for an MoE layer kind while that checkpoint is dense, upcycles the FFNs into experts first.
-Preemption (SIGTERM) saves a checkpoint and returns. A non-finite loss, or non-finite parameters or optimizer state
-about to be saved, stops the run before anything is saved, so the latest checkpoint is always a good one.
+Preemption (SIGTERM) saves a checkpoint and returns. A non-finite loss, non-finite parameters or optimizer state
+about to be saved, or weights about to be saved whose loss on the step's batch is not finite (one forward pass per
+save) stop the run before anything is saved, so the latest checkpoint is always a good one. What the run cannot
+use (a config value, the data, a workdir of another run, a full or read-only disk) raises `RunError`, one line.
 """
 
 from __future__ import annotations

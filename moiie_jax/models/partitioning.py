@@ -6,7 +6,7 @@ layout: MoE layers do, through their shard_map) propagation can keep the residua
 every matmul's output is a partial sum, all-reduced over the whole slice (Phi-3 dense stage 2 on v5p-64: 2 TB of
 all-reduce per chip and micro-step, against 19 GB for MoIIE). MaxText pins activations with logical constraints;
 here `parallel.dispatch.expert_parallel` installs a hook that pins [B, ...] activations to the batch axes, and the
-decoder, the vision tower and the LVLM call `batch_sharded` on their [B, T, D] streams. Outside a mesh (one device,
+decoder (embeddings, each layer's residual stream, logits) and the vision tower (each layer) call `batch_sharded`. Outside a mesh (one device,
 tests, generation) nothing is installed and `batch_sharded` returns its input.
 """
 

@@ -118,9 +118,14 @@ def test_layer_period_and_location():
     layer_location(BASE, 3)
 
 
-def test_dense_scan_equals_loop_with_cache_and_remat_grads():
-  loop_cfg = BASE
-  scan_cfg = dataclasses.replace(BASE, scan_layers=True, remat=True)
+# Phi-2's layer (parallel residual, LayerNorm with bias, fc1/fc2 GELU MLP, partial rotary) besides LLaMA's.
+PHI2 = dataclasses.replace(BASE, architecture='phi', hidden_act='gelu_new', partial_rotary_factor=0.5)
+
+
+@pytest.mark.parametrize('base', [BASE, PHI2], ids=['llama', 'phi2'])
+def test_dense_scan_equals_loop_with_cache_and_remat_grads(base):
+  loop_cfg = base
+  scan_cfg = dataclasses.replace(base, scan_layers=True, remat=True)
   looped = _random_model(loop_cfg)
   scanned = _empty_model(scan_cfg)
   # Through the HF converter both ways: the scanned stack is exactly the looped layers, stacked.
@@ -130,7 +135,7 @@ def test_dense_scan_equals_loop_with_cache_and_remat_grads():
   np.testing.assert_array_equal(q[2], _flat(looped)[('model', 'layers', 2, 'self_attn', 'q_proj', 'kernel')])
   assert _flat(scanned).keys() == _relocate(_flat(looped), loop_cfg, scan_cfg).keys()
 
-  ids, mask, _ = _inputs(BASE)
+  ids, mask, _ = _inputs(base)
   logits_loop, g_loop = _loss_logits_grads(looped, ids, mask)
   logits_scan, g_scan = _loss_logits_grads(scanned, ids, mask)
   assert float(jnp.abs(logits_loop - logits_scan).max()) <= TOL

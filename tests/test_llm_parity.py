@@ -1,5 +1,7 @@
-"""The decoder LLM against Hugging Face PyTorch (fp32): LLaMA (llama3 RoPE, GQA, biases, tied/untied) and Phi-3
-(fused projections, partial rotary, longrope, sliding window); conversion round trip; cached decoding."""
+"""The decoder LLM against Hugging Face PyTorch (fp32): LLaMA (llama3 RoPE, GQA, biases, tied/untied), Phi-3
+(fused projections, partial rotary, longrope, sliding window), Phi-2 (parallel block, LayerNorm, biases, partial
+rotary, gelu_new fc1/fc2, lm_head bias), StableLM-2 (LayerNorm, q/k/v biases, rotary 0.25, both residual kinds) and
+Qwen2 (q/k/v biases: Qwen v1's math); conversion round trip; cached decoding."""
 
 import dataclasses
 
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, StableLmConfig, StableLmForCausalLM)
 
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.convert.llm_keys import HF_LAYOUTS, llm_hf_keys, llm_params_from_hf, llm_params_to_hf
@@ -29,6 +32,22 @@ def _phi3(**kw):
                                        'eos_token_id': 2, **kw}))
 
 
+def _phi2(**kw):
+  # MoE-LLaVA's Phi-2 rotates 0.4 of each head (32 of 80 dims); transformers 5 defaults to 0.5, so set it.
+  return PhiForCausalLM(PhiConfig(**{**SMALL, 'num_hidden_layers': 2, 'hidden_act': 'gelu_new',
+                                     'partial_rotary_factor': 0.4, **kw}))
+
+
+def _stablelm(**kw):
+  return StableLmForCausalLM(StableLmConfig(**{**SMALL, 'num_hidden_layers': 2, 'partial_rotary_factor': 0.25,
+                                               'use_qkv_bias': True, **kw}))
+
+
+def _qwen2(**kw):
+  return Qwen2ForCausalLM(Qwen2Config(**{**SMALL, 'num_hidden_layers': 2, 'num_key_value_heads': 4,
+                                         'tie_word_embeddings': False, **kw}))
+
+
 CASES = {
     'llama3_gqa_bias_untied': lambda: _llama(
         rope_parameters=dict(rope_type='llama3', rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
@@ -43,12 +62,26 @@ CASES = {
         rope_parameters=dict(rope_type='longrope', rope_theta=10000.0,
                              short_factor=[1.0 + 0.05 * i for i in range(8)],
                              long_factor=[1.5 + 0.4 * i for i in range(8)])),
+    'phi2': lambda: _phi2(num_key_value_heads=4),
+    'phi2_gqa_exact_gelu': lambda: _phi2(hidden_act='gelu', layer_norm_eps=1e-6),
+    'stablelm2': lambda: _stablelm(),
+    'stablelm_parallel_no_qkv_bias': lambda: _stablelm(use_parallel_residual=True, use_qkv_bias=False),
+    'qwen2': lambda: _qwen2(),
 }
+
+
+def _perturb(hf):
+  """HF initialises biases to 0 and norm weights to 1; random ones make a misplaced bias or norm visible."""
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if name.endswith('bias') or 'norm' in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return hf
 
 
 def _build(name: str, seed: int = 0):
   torch.manual_seed(seed)
-  hf = CASES[name]().eval()
+  hf = _perturb(CASES[name]()).eval()
   cfg = config_lib.llm_from_hf(hf.config.to_dict())
   return hf, cfg
 
@@ -159,10 +192,11 @@ def test_inputs_embeds_equals_input_ids():
     model()
 
 
-def test_cached_decoding_equals_full_forward():
+@pytest.mark.parametrize('name', ['llama3_gqa_bias_untied', 'phi2', 'stablelm2'])
+def test_cached_decoding_equals_full_forward(name):
   """Left-padded prompts, prefill + greedy steps through one jitted function; every step equals a full forward of
   the sequence so far (ours, and HF's). Causality lets one forward of the final sequence serve every step."""
-  hf, cfg = _build('llama3_gqa_bias_untied')
+  hf, cfg = _build(name)
   model = converted(cfg, _state_dict(hf))
   ids, _, left, _ = _batches(6)
   prompt_len, steps = ids.shape[1], 4

@@ -1,4 +1,4 @@
-"""Hugging Face LLaMA / Phi-3 tensors <-> the flat parameter paths of `moiie_jax.models.decoder.CausalLM`.
+"""Hugging Face LLaMA / Phi-3 / Phi-2 / StableLM / Qwen2 tensors <-> the flat parameter paths of `moiie_jax.models.decoder.CausalLM`.
 
 Pure functions: renames, transposes ([out, in] torch weights -> [in, out] kernels) and, for cfg.scan_layers,
 stacking layers on the leading axis `decoder.layer_location` names. No RoPE permutation (we keep HF's rotate_half
@@ -40,29 +40,53 @@ def _layer_rules(cfg: LLMConfig) -> dict[str, tuple[tuple[str, ...], bool, tuple
   """HF suffix under `layers.{i}.` -> (our path under the layer, transpose?, HF shape)."""
   d, f = cfg.hidden_size, cfg.intermediate_size
   n, g, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
-  rules = {
-      'input_layernorm.weight': (('input_layernorm', 'weight'), False, (d,)),
-      'post_attention_layernorm.weight': (('post_attention_layernorm', 'weight'), False, (d,)),
-      'self_attn.o_proj.weight': (('self_attn', 'o_proj', 'kernel'), True, (d, n * h)),
-      'mlp.down_proj.weight': (('mlp', 'down_proj', 'kernel'), True, (d, f)),
-  }
+  rules = {}
+  for norm in ('input_layernorm',) + (() if cfg.parallel_residual else ('post_attention_layernorm',)):
+    rules[f'{norm}.weight'] = ((norm, 'weight'), False, (d,))
+    if cfg.norm_kind == 'layer':
+      rules[f'{norm}.bias'] = ((norm, 'bias'), False, (d,))
+  out = cfg.attn_out_name
+  rules[f'self_attn.{out}.weight'] = (('self_attn', out, 'kernel'), True, (d, n * h))
+  if cfg.out_bias:
+    rules[f'self_attn.{out}.bias'] = (('self_attn', out, 'bias'), False, (d,))
   if cfg.fused_projections:
     rules['self_attn.qkv_proj.weight'] = (('self_attn', 'qkv_proj', 'kernel'), True, ((n + 2 * g) * h, d))
-    rules['mlp.gate_up_proj.weight'] = (('mlp', 'gate_up_proj', 'kernel'), True, (2 * f, d))
-    return rules
-  for name, out in (('q_proj', n * h), ('k_proj', g * h), ('v_proj', g * h)):
-    rules[f'self_attn.{name}.weight'] = (('self_attn', name, 'kernel'), True, (out, d))
-    if cfg.attention_bias:
-      rules[f'self_attn.{name}.bias'] = (('self_attn', name, 'bias'), False, (out,))
-  if cfg.attention_bias:
-    rules['self_attn.o_proj.bias'] = (('self_attn', 'o_proj', 'bias'), False, (d,))
-  for name in ('gate_proj', 'up_proj'):
-    rules[f'mlp.{name}.weight'] = (('mlp', name, 'kernel'), True, (f, d))
-    if cfg.mlp_bias:
-      rules[f'mlp.{name}.bias'] = (('mlp', name, 'bias'), False, (f,))
-  if cfg.mlp_bias:
-    rules['mlp.down_proj.bias'] = (('mlp', 'down_proj', 'bias'), False, (d,))
+  else:
+    for name, width in (('q_proj', n * h), ('k_proj', g * h), ('v_proj', g * h)):
+      rules[f'self_attn.{name}.weight'] = (('self_attn', name, 'kernel'), True, (width, d))
+      if cfg.qkv_bias:
+        rules[f'self_attn.{name}.bias'] = (('self_attn', name, 'bias'), False, (width,))
+  for name, (shape, bias) in mlp_tensor_shapes(cfg).items():
+    rules[f'mlp.{name}.weight'] = (('mlp', name, 'kernel'), True, shape)
+    if bias is not None:
+      rules[f'mlp.{name}.bias'] = (('mlp', name, 'bias'), False, bias)
   return rules
+
+
+def mlp_tensor_shapes(cfg: LLMConfig) -> dict[str, tuple[tuple[int, int], tuple[int] | None]]:
+  """The dense MLP's HF tensors: name -> (torch weight shape [out, in], bias shape or None), in HF order."""
+  d, f = cfg.hidden_size, cfg.intermediate_size
+  if cfg.mlp_kind == 'gelu':
+    return {'fc1': ((f, d), (f,)), 'fc2': ((d, f), (d,))}
+  if cfg.fused_projections:
+    return {'gate_up_proj': ((2 * f, d), None), 'down_proj': ((d, f), None)}
+  bias = cfg.mlp_bias
+  return {'gate_proj': ((f, d), (f,) if bias else None), 'up_proj': ((f, d), (f,) if bias else None),
+          'down_proj': ((d, f), (d,) if bias else None)}
+
+
+def _base_rules(cfg: LLMConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+  """HF suffix under the decoder prefix, outside the layers -> (our path, shape)."""
+  d, norm = cfg.hidden_size, cfg.final_norm_name
+  rules = {'embed_tokens.weight': (('model', 'embed_tokens', 'embedding'), (cfg.vocab_size, d)),
+           f'{norm}.weight': (('model', norm, 'weight'), (d,))}
+  if cfg.norm_kind == 'layer':
+    rules[f'{norm}.bias'] = (('model', norm, 'bias'), (d,))
+  return rules
+
+
+def lm_head_bias_key(lm_head_key: str) -> str:
+  return lm_head_key[:-len('weight')] + 'bias'
 
 
 def _check_dense(cfg: LLMConfig) -> None:
@@ -86,7 +110,7 @@ def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decode
   `decoder_prefix`, a missing key, a wrong shape, a tied lm_head that differs from the embeddings, or an MoE config.
   """
   _check_dense(cfg)
-  rules = _layer_rules(cfg)
+  rules, base = _layer_rules(cfg), _base_rules(cfg)
   n_layers = cfg.num_hidden_layers
   out: dict[tuple, np.ndarray] = {}
   stacked: dict[tuple, dict[int, np.ndarray]] = {}
@@ -100,18 +124,16 @@ def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decode
 
   embed_key = decoder_prefix + 'embed_tokens.weight'
   for key, value in tensors.items():
-    if key == lm_head_key:
+    if key in (lm_head_key, lm_head_bias_key(lm_head_key)):
       continue  # after the embeddings (a tied head is compared with them)
     if not key.startswith(decoder_prefix):
       continue
     rest = key[len(decoder_prefix):]
     array = np.asarray(value)
-    if rest == 'embed_tokens.weight':
-      _check_shape(key, array, (cfg.vocab_size, cfg.hidden_size))
-      put(('model', 'embed_tokens', 'embedding'), None, array)
-    elif rest == 'norm.weight':
-      _check_shape(key, array, (cfg.hidden_size,))
-      put(('model', 'norm', 'weight'), None, array)
+    if rest in base:
+      path, shape = base[rest]
+      _check_shape(key, array, shape)
+      put(path, None, array)
     elif rest in _IGNORED_BASE_KEYS:
       continue
     elif m := _LAYER_KEY.match(rest):
@@ -129,8 +151,8 @@ def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decode
       location, stack_index = layer_location(cfg, i)
       put(location + sub, stack_index, array.T if transpose else array)
     else:
-      raise ConvertError(f'{key}: no rule maps this key (expected {decoder_prefix}embed_tokens.weight, '
-                         f'{decoder_prefix}norm.weight or {decoder_prefix}layers.{{i}}.*)')
+      raise ConvertError(f'{key}: no rule maps this key (expected {decoder_prefix}{{{",".join(base)}}} or '
+                         f'{decoder_prefix}layers.{{i}}.*)')
     seen.add(key)
 
   if cfg.tie_word_embeddings:
@@ -144,6 +166,14 @@ def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decode
     _check_shape(lm_head_key, head, (cfg.vocab_size, cfg.hidden_size))
     out[('lm_head', 'kernel')] = head.T
     seen.add(lm_head_key)
+  bias_key = lm_head_bias_key(lm_head_key)
+  if bias_key in tensors:
+    if not cfg.lm_head_bias:
+      raise ConvertError(f'{bias_key}: architecture={cfg.architecture!r} has no lm_head bias')
+    bias = np.asarray(tensors[bias_key])
+    _check_shape(bias_key, bias, (cfg.vocab_size,))
+    out[('lm_head', 'bias')] = bias
+    seen.add(bias_key)
 
   missing = [k for k in llm_hf_keys(cfg, decoder_prefix, lm_head_key) if k not in seen]
   if missing:
@@ -157,12 +187,15 @@ def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decode
 
 def llm_hf_keys(cfg: LLMConfig, decoder_prefix: str = 'model.', lm_head_key: str = 'lm_head.weight') -> list[str]:
   """Every HF key a dense checkpoint of this config holds (without a tied lm_head), in layer order."""
-  keys = [decoder_prefix + 'embed_tokens.weight']
+  base = list(_base_rules(cfg))
+  keys = [decoder_prefix + base[0]]
   suffixes = list(_layer_rules(cfg))
   keys += [f'{decoder_prefix}layers.{i}.{s}' for i in range(cfg.num_hidden_layers) for s in suffixes]
-  keys.append(decoder_prefix + 'norm.weight')
+  keys += [decoder_prefix + k for k in base[1:]]
   if not cfg.tie_word_embeddings:
     keys.append(lm_head_key)
+    if cfg.lm_head_bias:
+      keys.append(lm_head_bias_key(lm_head_key))
   return keys
 
 
@@ -193,7 +226,8 @@ def llm_params_to_hf(flat: Mapping[tuple, Any], cfg: LLMConfig, decoder_prefix: 
     return _to_numpy(flat[path])
 
   out: dict[str, np.ndarray] = {}
-  embedding = get(('model', 'embed_tokens', 'embedding'))
+  base = _base_rules(cfg)
+  embedding = get(base['embed_tokens.weight'][0])
   out[decoder_prefix + 'embed_tokens.weight'] = embedding
   cache: dict[tuple, np.ndarray] = {}
   for i in range(cfg.num_hidden_layers):
@@ -204,12 +238,15 @@ def llm_params_to_hf(flat: Mapping[tuple, Any], cfg: LLMConfig, decoder_prefix: 
         cache[path] = get(path)
       array = cache[path] if stack_index is None else cache[path][stack_index]
       out[f'{decoder_prefix}layers.{i}.{suffix}'] = np.ascontiguousarray(array.T if transpose else array)
-  out[decoder_prefix + 'norm.weight'] = get(('model', 'norm', 'weight'))
+  for suffix, (path, _) in list(base.items())[1:]:
+    out[decoder_prefix + suffix] = get(path)
   if cfg.tie_word_embeddings:
     if include_tied_lm_head:
       out[lm_head_key] = embedding
   else:
     out[lm_head_key] = np.ascontiguousarray(get(('lm_head', 'kernel')).T)
+    if cfg.lm_head_bias:
+      out[lm_head_bias_key(lm_head_key)] = get(('lm_head', 'bias'))
   unused = sorted('/'.join(map(str, p)) for p in set(flat) - used)
   if unused:
     raise ConvertError(f'parameters {unused[:5]} have no HF name in a dense {cfg.architecture} checkpoint')

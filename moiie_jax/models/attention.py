@@ -1,7 +1,9 @@
 """Causal self-attention with grouped K/V heads (HF `LlamaAttention` / `Phi3Attention`), RoPE and a KV cache.
 
-Parameters carry HF names: LLaMA `q_proj`, `k_proj`, `v_proj`, `o_proj` (bias iff cfg.attention_bias); Phi-3 one
-fused `qkv_proj` (kernel [D, (N + 2G) * H], columns q | k | v as in HF) and `o_proj`, no biases.
+Parameters carry HF names: `q_proj`, `k_proj`, `v_proj` and the output projection `o_proj` (Phi-2: `dense`), with
+biases as the family has them (`LLMConfig.qkv_bias`, `out_bias`: LLaMA iff attention_bias, Phi-2 all, Qwen2 q/k/v,
+StableLM q/k/v iff use_qkv_bias); Phi-3 one fused `qkv_proj` (kernel [D, (N + 2G) * H], columns q | k | v as in
+HF) and `o_proj`, no biases. Partial rotary (Phi-2, StableLM, Phi-3) rotates the first dims of each head.
 
 Grouped-query attention never repeats K/V: the N query heads are viewed as [G, R] (R = N / G query heads per
 K/V head, head n = g * R + r as in HF's `repeat_kv`) and one einsum contracts them against the G K/V heads.
@@ -113,12 +115,13 @@ class Attention(nnx.Module):
       self.qkv_proj = nnx.Linear(d, (n + 2 * g) * h, use_bias=False, kernel_init=logical(init, 'embed', 'qkv'),
                                  **kw)
     else:
-      proj = dict(use_bias=cfg.attention_bias, kernel_init=logical(init, 'embed', 'heads'), bias_init=bias_init, **kw)
+      proj = dict(use_bias=cfg.qkv_bias, kernel_init=logical(init, 'embed', 'heads'), bias_init=bias_init, **kw)
       self.q_proj = nnx.Linear(d, n * h, **proj)
       self.k_proj = nnx.Linear(d, g * h, **proj)
       self.v_proj = nnx.Linear(d, g * h, **proj)
-    self.o_proj = nnx.Linear(n * h, d, use_bias=cfg.attention_bias, kernel_init=logical(init, 'heads', 'embed'),
-                             bias_init=logical(nnx.initializers.zeros_init(), 'embed'), **kw)
+    out = nnx.Linear(n * h, d, use_bias=cfg.out_bias, kernel_init=logical(init, 'heads', 'embed'),
+                     bias_init=logical(nnx.initializers.zeros_init(), 'embed'), **kw)
+    setattr(self, cfg.attn_out_name, out)  # `o_proj`, or Phi-2's `dense`
 
   def project_qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x: [B, T, D] -> q [B, T, N, H], k [B, T, G, H], v [B, T, G, H] (before RoPE)."""
@@ -172,5 +175,5 @@ class Attention(nnx.Module):
       out = chunked_attention(q, keys, values, mask_bts, scale, chunk)
     else:
       out = dot_product_attention(q, keys, values, mask_bts, scale)
-    y = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    y = getattr(self, self.cfg.attn_out_name)(out.reshape(b, t, self.num_heads * self.head_dim))
     return y, new_kv

@@ -12,7 +12,11 @@ import json
 import math
 from typing import Any, Mapping
 
-LLM_ARCHITECTURES = ('llama', 'phi3')
+# The decoder families (HF model_type): LlamaForCausalLM, Phi3ForCausalLM, PhiForCausalLM (Phi-2),
+# StableLmForCausalLM (StableLM-2) and Qwen2ForCausalLM (also Qwen v1, whose fused weights the converter splits).
+LLM_ARCHITECTURES = ('llama', 'phi3', 'phi', 'stablelm', 'qwen2')
+# Activations of the fc1 -> act -> fc2 MLP (Phi-2 uses gelu_new, the tanh approximation).
+GELU_ACTIVATIONS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu', 'gelu_fast')
 # What a rematerialised decoder layer keeps for the backward pass (see decoder.REMAT_POLICIES).
 REMAT_POLICIES = ('full', 'minimal', 'dots')
 VISION_ARCHITECTURES = ('siglip', 'clip')
@@ -149,8 +153,14 @@ class MoEConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
-  """A decoder-only language model: the LLaMA family or Phi-3 (HF `LlamaConfig` / `Phi3Config` fields)."""
-  architecture: str = 'llama'  # llama | phi3
+  """A decoder-only language model (HF `LlamaConfig`, `Phi3Config`, `PhiConfig`, `StableLmConfig`, `Qwen2Config`).
+
+  What differs between the families is derived from `architecture` (and StableLM's two flags) by the properties
+  below, one place: the norm (RMSNorm, or LayerNorm with bias), the residual (sequential, or Phi-2's parallel
+  x + attn(ln x) + mlp(ln x)), the MLP (SwiGLU, or fc1 -> GELU -> fc2 with biases), which projections carry
+  biases, the HF names that differ (`dense`, `final_layernorm`) and the lm_head bias.
+  """
+  architecture: str = 'llama'  # llama | phi3 | phi | stablelm | qwen2
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -169,6 +179,10 @@ class LLMConfig:
   attention_bias: bool = False
   mlp_bias: bool = False
   sliding_window: int | None = None  # Phi-3: keys further back than this are not attended (HF applies it)
+  layer_norm_eps: float = 1e-5  # the LayerNorm families (phi, stablelm); the RMSNorm ones use rms_norm_eps
+  use_qkv_bias: bool = False  # StableLM: q/k/v biases (its o_proj has none)
+  use_parallel_residual: bool = False  # StableLM: x + attn(ln x) + mlp(ln x) (Phi-2 always is)
+  qk_layernorm: bool = False  # Phi-2 / StableLM option; not supported (validate refuses it)
   initializer_range: float = 0.02
   pad_token_id: int | None = None
   bos_token_id: int | None = None
@@ -200,6 +214,51 @@ class LLMConfig:
     return self.architecture == 'phi3'
 
   @property
+  def norm_kind(self) -> str:
+    """'layer' (LayerNorm with weight and bias: phi, stablelm) or 'rms' (RMSNorm weight only)."""
+    return 'layer' if self.architecture in ('phi', 'stablelm') else 'rms'
+
+  @property
+  def norm_eps(self) -> float:
+    return self.layer_norm_eps if self.norm_kind == 'layer' else self.rms_norm_eps
+
+  @property
+  def parallel_residual(self) -> bool:
+    """x + attn(ln x) + mlp(ln x) with one norm per layer (Phi-2; StableLM with use_parallel_residual)."""
+    return self.architecture == 'phi' or (self.architecture == 'stablelm' and self.use_parallel_residual)
+
+  @property
+  def mlp_kind(self) -> str:
+    """'gelu': Phi-2's fc1 -> act -> fc2, both biased; 'swiglu': down(silu(gate x) * up x)."""
+    return 'gelu' if self.architecture == 'phi' else 'swiglu'
+
+  @property
+  def qkv_bias(self) -> bool:
+    return {'llama': self.attention_bias, 'phi3': False, 'phi': True, 'stablelm': self.use_qkv_bias,
+            'qwen2': True}[self.architecture]
+
+  @property
+  def out_bias(self) -> bool:
+    """Whether the attention output projection (`o_proj`, Phi-2's `dense`) has a bias."""
+    return {'llama': self.attention_bias, 'phi': True}.get(self.architecture, False)
+
+  @property
+  def attn_out_name(self) -> str:
+    return 'dense' if self.architecture == 'phi' else 'o_proj'
+
+  @property
+  def final_norm_name(self) -> str:
+    return 'final_layernorm' if self.architecture == 'phi' else 'norm'
+
+  @property
+  def lm_head_bias(self) -> bool:
+    return self.architecture == 'phi'
+
+  @property
+  def mlp_has_bias(self) -> bool:
+    return self.mlp_kind == 'gelu' or (self.mlp_bias and not self.fused_projections)
+
+  @property
   def moe_layers(self) -> tuple[int, ...]:
     return self.moe.moe_layers(self.num_hidden_layers)
 
@@ -208,8 +267,21 @@ class LLMConfig:
     _check_choice('LLMConfig', 'remat_policy', self.remat_policy, REMAT_POLICIES)
     if self.attention_chunk < 0:
       raise ConfigError(f'LLMConfig.attention_chunk={self.attention_chunk}: expected >= 0 (0 = whole sequence)')
-    if self.hidden_act != 'silu':
-      raise ConfigError(f'LLMConfig.hidden_act={self.hidden_act!r}: only silu (SwiGLU) is supported')
+    if self.mlp_kind == 'swiglu' and self.hidden_act != 'silu':
+      raise ConfigError(f'LLMConfig.hidden_act={self.hidden_act!r}: the {self.architecture} MLP is SwiGLU; only '
+                        f'silu is supported')
+    if self.mlp_kind == 'gelu' and self.hidden_act not in GELU_ACTIVATIONS:
+      raise ConfigError(f'LLMConfig.hidden_act={self.hidden_act!r}: expected one of {list(GELU_ACTIVATIONS)} for '
+                        f'the {self.architecture} fc1/fc2 MLP')
+    if self.qk_layernorm:
+      raise ConfigError('LLMConfig.qk_layernorm=True: per-head q/k LayerNorms are not supported (no released '
+                        'Phi-2, StableLM-2-1.6B or MoE-LLaVA model uses them)')
+    if self.use_qkv_bias and self.architecture != 'stablelm':
+      raise ConfigError(f'LLMConfig.use_qkv_bias=True is a StableLM field; architecture={self.architecture!r} '
+                        f'(use attention_bias for LLaMA)')
+    if self.use_parallel_residual and self.architecture != 'stablelm':
+      raise ConfigError(f'LLMConfig.use_parallel_residual=True is a StableLM field; architecture='
+                        f'{self.architecture!r} (Phi-2 is always parallel)')
     if self.num_attention_heads % self.num_key_value_heads:
       raise ConfigError(f'LLMConfig.num_key_value_heads={self.num_key_value_heads} must divide '
                         f'num_attention_heads={self.num_attention_heads}')
@@ -345,11 +417,18 @@ def _get(hf: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 def llm_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LLMConfig:
-  """LLMConfig from an HF LlamaConfig/Phi3Config dict (`config.to_dict()` or config.json)."""
+  """LLMConfig from an HF LlamaConfig / Phi3Config / PhiConfig / StableLmConfig / Qwen2Config dict."""
   model_type = hf.get('model_type')
   if model_type not in LLM_ARCHITECTURES:
     raise ConfigError(f'config.json: model_type={model_type!r} is not a supported LLM; expected one of '
-                      f'{list(LLM_ARCHITECTURES)} (LlamaForCausalLM, Phi3ForCausalLM)')
+                      f'{list(LLM_ARCHITECTURES)} (LlamaForCausalLM, Phi3ForCausalLM, PhiForCausalLM, '
+                      f'StableLmForCausalLM, Qwen2ForCausalLM)')
+  sliding_window = hf.get('sliding_window')
+  if model_type == 'qwen2':
+    if hf.get('use_sliding_window'):
+      raise ConfigError('config.json: use_sliding_window=true (Qwen2 sliding attention on the upper layers) is not '
+                        'supported')
+    sliding_window = None  # Qwen2 configs carry a window that only use_sliding_window turns on
   heads = hf['num_attention_heads']
   rope_scaling = hf.get('rope_scaling')
   rope_theta = hf.get('rope_theta')
@@ -384,7 +463,11 @@ def llm_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LLMConfig:
       tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
       attention_bias=bool(hf.get('attention_bias', False)),
       mlp_bias=bool(hf.get('mlp_bias', False)),
-      sliding_window=hf.get('sliding_window'),
+      sliding_window=sliding_window,
+      layer_norm_eps=_get(hf, 'layer_norm_eps', 1e-5),
+      use_qkv_bias=bool(hf.get('use_qkv_bias', False)),
+      use_parallel_residual=bool(hf.get('use_parallel_residual', False)),
+      qk_layernorm=bool(hf.get('qk_layernorm', False)),
       initializer_range=_get(hf, 'initializer_range', 0.02),
       pad_token_id=hf.get('pad_token_id'),
       bos_token_id=hf.get('bos_token_id'),

@@ -1,7 +1,10 @@
-"""The decoder LLM: HF `LlamaModel` / `Phi3Model` (`Decoder`) and `LlamaForCausalLM` (`CausalLM`), with a KV cache.
+"""The decoder LLM: HF `LlamaModel` / `Phi3Model` / `PhiModel` / `StableLmModel` / `Qwen2Model` (`Decoder`) and
+their `...ForCausalLM` (`CausalLM`), with a KV cache. What differs between the families is read from the
+`LLMConfig` properties (norm_kind, parallel_residual, mlp_kind, biases, names).
 
 Parameter paths follow HF: `model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.*`,
-`model.layers.{i}.input_layernorm`, `model.norm`, `lm_head` (absent when embeddings are tied). With
+`model.layers.{i}.input_layernorm`, `model.norm` (Phi-2: `model.final_layernorm`), `lm_head` (absent when
+embeddings are tied; Phi-2's has a bias). A parallel-residual layer (Phi-2) has no `post_attention_layernorm`. With
 cfg.scan_layers the layers are stacked instead: the layers repeat with a period p (1 when all layers are of one
 kind, 2 when MoE layers interleave with dense ones), `model.layers.{j}` for j < p is one stacked DecoderLayer whose
 arrays carry a leading axis of L / p blocks, and layer i lives at member i % p, index i // p. `layer_location` is
@@ -132,21 +135,44 @@ class RMSNorm(nnx.Module):
     return self.weight[...].astype(self.dtype) * normed.astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """torch `nn.LayerNorm` with HF names (`weight`, `bias`): two-pass mean and variance in float32."""
+
+  def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = jnp.dtype(dtype)
+    self.weight = nnx.Param(logical(nnx.initializers.ones_init(), 'norm')(None, (dim,), jnp.dtype(param_dtype)))
+    self.bias = nnx.Param(logical(nnx.initializers.zeros_init(), 'norm')(None, (dim,), jnp.dtype(param_dtype)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(cfg: LLMConfig) -> RMSNorm | LayerNorm:
+  """The family's norm (`LLMConfig.norm_kind`) of width hidden_size."""
+  cls = LayerNorm if cfg.norm_kind == 'layer' else RMSNorm
+  return cls(cfg.hidden_size, cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+
 class DecoderLayer(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). The MLP is a MoEBlock on MoE layers."""
+  """Pre-norm residual block, the MLP a MoEBlock on MoE layers. Sequential: x + attn(norm(x)), then
+  + mlp(post_attention_layernorm(x)); parallel (Phi-2): x + attn(norm(x)) + mlp(norm(x)), one norm."""
 
   def __init__(self, cfg: LLMConfig, layer_idx: int, *, rngs: nnx.Rngs):
     self.layer_idx = layer_idx
     self.is_moe = layer_idx in cfg.moe_layers
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.parallel = cfg.parallel_residual
     self.self_attn = Attention(cfg, rngs=rngs)
     if self.is_moe:
       from moiie_jax.models import moe  # pylint: disable=g-import-not-at-top  (written separately; dense needs none)
       self.mlp = moe.MoEBlock(cfg, rngs=rngs)
     else:
       self.mlp = MLP(cfg, rngs=rngs)
-    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.input_layernorm = make_norm(cfg)
+    self.post_attention_layernorm = None if self.parallel else make_norm(cfg)
 
   def __call__(self, x_btd: jax.Array, inputs: LayerInputs, kv: tuple[jax.Array, jax.Array] | None = None,
                layer: int | jax.Array | None = None):
@@ -155,10 +181,13 @@ class DecoderLayer(nnx.Module):
     Returns (x [B, T, D], MoE stats or None, the cache (k, v) with this layer's K/V written, or None).
     """
     x_btd = partitioning.batch_sharded(x_btd)
-    h, kv = self.self_attn(self.input_layernorm(x_btd), inputs.cos, inputs.sin, inputs.mask, kv, layer,
-                           inputs.cache_index)
-    x_btd = partitioning.batch_sharded(x_btd + h)
-    h = self.post_attention_layernorm(x_btd)
+    normed = self.input_layernorm(x_btd)
+    h, kv = self.self_attn(normed, inputs.cos, inputs.sin, inputs.mask, kv, layer, inputs.cache_index)
+    if self.parallel:  # the MLP reads the same normed input; both outputs join the residual together
+      x_btd, h = partitioning.batch_sharded(x_btd + h), normed
+    else:
+      x_btd = partitioning.batch_sharded(x_btd + h)
+      h = self.post_attention_layernorm(x_btd)
     if self.is_moe:
       h, stats = self.mlp(h, inputs.modality, inputs.valid)
     else:
@@ -191,7 +220,8 @@ def _stack(trees: list, interleave: bool = False):
 
 
 class Decoder(nnx.Module):
-  """HF `LlamaModel`: embeddings, L decoder layers (looped or scanned), final RMSNorm."""
+  """HF `LlamaModel` & co.: embeddings, L decoder layers (looped or scanned), the final norm (`norm`, Phi-2's
+  `final_layernorm`)."""
 
   def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -209,7 +239,7 @@ class Decoder(nnx.Module):
     else:
       self.period = None
       self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    setattr(self, cfg.final_norm_name, make_norm(cfg))
 
   # -------------------------------------------------------------------------------------------- inputs
   def layer_inputs(self, batch: int, length: int, attention_mask, positions, modality,
@@ -301,7 +331,7 @@ class Decoder(nnx.Module):
       x, moe_stats, new_kv = self._looped(x, inputs, cache, run)
     if cache is not None:
       cache = KVCache(k=new_kv[0], v=new_kv[1], index=inputs.cache_index + length)
-    return self.norm(x), moe_stats, cache
+    return getattr(self, self.cfg.final_norm_name)(x), moe_stats, cache
 
 
 class CausalLM(nnx.Module):
@@ -313,10 +343,10 @@ class CausalLM(nnx.Module):
     self.cfg = cfg
     self.model = Decoder(cfg, rngs=rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                                param_dtype=jnp.dtype(cfg.param_dtype),
+      self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=cfg.lm_head_bias,
+                                dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                                 kernel_init=logical(nnx.initializers.normal(cfg.initializer_range), 'embed', 'vocab'),
-                                rngs=rngs)
+                                bias_init=logical(nnx.initializers.zeros_init(), 'vocab'), rngs=rngs)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated); dtype defaults to cfg.dtype."""

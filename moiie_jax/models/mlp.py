@@ -1,8 +1,10 @@
-"""The SwiGLU feed-forward block of a decoder layer (HF `LlamaMLP` / `Phi3MLP`).
+"""The feed-forward block of a decoder layer (HF `LlamaMLP` / `Phi3MLP` / `PhiMLP` / StableLM's and Qwen2's MLP).
 
-Parameters carry HF names. LLaMA: `gate_proj`, `up_proj` (kernels [D, F]) and `down_proj` ([F, D]), biases iff
-cfg.mlp_bias. Phi-3: one fused `gate_up_proj` (kernel [D, 2F], the gate's F columns first, then up's, as HF's
-`chunk(2)` reads them) and `down_proj`, no biases. The MoE block stacks these same names on a leading expert axis.
+Parameters carry HF names. SwiGLU (`LLMConfig.mlp_kind`): LLaMA, StableLM, Qwen2 `gate_proj`, `up_proj` (kernels
+[D, F]) and `down_proj` ([F, D]), biases iff cfg.mlp_bias; Phi-3 one fused `gate_up_proj` (kernel [D, 2F], the
+gate's F columns first, then up's, as HF's `chunk(2)` reads them) and `down_proj`, no biases. GELU (Phi-2): `fc1`
+[D, F] and `fc2` [F, D], both with biases, `hidden_act` between them. The MoE block stacks these same names on a
+leading expert axis.
 
 Letters: B batch, T tokens, D model width, F FFN width.
 """
@@ -14,12 +16,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moiie_jax.models.attention import logical
-from moiie_jax.models.config import ConfigError, LLMConfig
+from moiie_jax.models.config import GELU_ACTIVATIONS, ConfigError, LLMConfig
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   """silu(gate) * up, elementwise: the SwiGLU activation of HF's `act_fn(gate_proj(x)) * up_proj(x)`."""
   return jax.nn.silu(gate) * up
+
+
+def gelu(name: str):
+  """The HF activation `name` of a GELU MLP (gelu_new, gelu_pytorch_tanh and gelu_fast are the tanh form)."""
+  if name not in GELU_ACTIVATIONS:
+    raise ConfigError(f'LLMConfig.hidden_act={name!r}: expected one of {list(GELU_ACTIVATIONS)}')
+  approximate = name != 'gelu'
+  return lambda x: jax.nn.gelu(x, approximate=approximate)
 
 
 def split_gate_up(gate_up: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -29,7 +39,7 @@ def split_gate_up(gate_up: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class MLP(nnx.Module):
-  """Dense SwiGLU FFN: x [B, T, D] -> [B, T, D]."""
+  """Dense FFN: x [B, T, D] -> [B, T, D]."""
 
   def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -38,6 +48,12 @@ class MLP(nnx.Module):
       raise ConfigError('LLMConfig.mlp_bias=True: the Phi-3 MLP has no biases (HF ignores the flag)')
     init = nnx.initializers.normal(cfg.initializer_range)
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    zeros = nnx.initializers.zeros_init()
+    if cfg.mlp_kind == 'gelu':
+      gelu(cfg.hidden_act)  # an unknown activation fails here, not at the first call
+      self.fc1 = nnx.Linear(d, f, kernel_init=logical(init, 'embed', 'mlp'), bias_init=logical(zeros, 'mlp'), **kw)
+      self.fc2 = nnx.Linear(f, d, kernel_init=logical(init, 'mlp', 'embed'), bias_init=logical(zeros, 'embed'), **kw)
+      return
     if cfg.fused_projections:
       self.gate_up_proj = nnx.Linear(d, 2 * f, use_bias=False, kernel_init=logical(init, 'embed', 'gate_up'), **kw)
     else:
@@ -50,6 +66,8 @@ class MLP(nnx.Module):
                                 bias_init=logical(nnx.initializers.zeros_init(), 'embed'), **kw)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
+    if self.cfg.mlp_kind == 'gelu':
+      return self.fc2(gelu(self.cfg.hidden_act)(self.fc1(x_btd)))
     if self.cfg.fused_projections:
       gate, up = split_gate_up(self.gate_up_proj(x_btd))  # [B, T, F] each
     else:

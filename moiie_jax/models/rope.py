@@ -5,7 +5,8 @@ checkpoints load without permuting q/k. The inverse frequencies are built once p
 with the same operations as `transformers.modeling_rope_utils`, and become constants of the traced program.
 
 RoPE variants (the `rope_type` of HF's `rope_parameters` / `rope_scaling`):
-  default   LLaMA: all head dims rotate; Phi-3: the first int(head_dim * partial_rotary_factor) dims rotate.
+  default   LLaMA: all head dims rotate; the others (Phi-3, Phi-2 0.4, StableLM-2 0.25, Qwen2 1.0): the first
+            int(head_dim * partial_rotary_factor) dims rotate.
   linear    inverse frequencies divided by `factor`.
   llama3    LLaMA-3.1 smooth low/high-frequency interpolation (`factor`, `low_freq_factor`, `high_freq_factor`,
             `original_max_position_embeddings`).
@@ -31,7 +32,8 @@ import numpy as np
 
 from moiie_jax.models.config import LLMConfig
 
-_SUPPORTED = {'llama': ('default', 'linear', 'llama3', 'longrope'), 'phi3': ('default', 'longrope')}
+_SUPPORTED = {'llama': ('default', 'linear', 'llama3', 'longrope'), 'phi3': ('default', 'longrope'),
+              'phi': ('default', 'linear'), 'stablelm': ('default', 'linear'), 'qwen2': ('default', 'linear')}
 _ALIASES = {'llama': {'su': 'longrope'}, 'phi3': {'su': 'longrope', 'yarn': 'longrope'}}
 
 

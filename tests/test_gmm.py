@@ -39,8 +39,9 @@ LAYOUTS = {  # name: (variant, n_vision, n_shared, n_language); top_k = 2 everyw
     'modality-3+5': ('modality', 3, 0, 5),
 }
 # Each layout with one expert form: llama SwiGLU with biases, without, or Phi-3's fused gate_up_proj.
-FORMS = {'moiie-1+2+1': 'llama+bias', 'moiie-2+2+4': 'phi3', 'moiie-3+3+2': 'llama', 'vanilla-4': 'phi3',
-         'vanilla-8': 'llama+bias', 'modality-2+2': 'llama', 'modality-3+5': 'phi3'}
+# The expert FFN of each layout: SwiGLU (llama, with biases, or phi3's fused gate_up) or Phi-2's GELU fc1/fc2.
+FORMS = {'moiie-1+2+1': 'llama+bias', 'moiie-2+2+4': 'phi3', 'moiie-3+3+2': 'phi', 'vanilla-4': 'phi3',
+         'vanilla-8': 'phi', 'modality-2+2': 'llama', 'modality-3+5': 'phi3'}
 
 
 # ================================================================================================ grouped_matmul
@@ -117,9 +118,10 @@ def layer_cfg(layout, impl='auto') -> LLMConfig:
   form = FORMS[layout]
   moe = MoEConfig(variant=variant, n_vision=nv, n_shared=ns, n_language=nl, top_k=2, capacity_factor=0.0,
                   grouped_matmul=impl)
-  return LLMConfig(architecture=form.split('+')[0], vocab_size=64, hidden_size=D, intermediate_size=F,
+  arch = form.split('+')[0]
+  return LLMConfig(architecture=arch, vocab_size=64, hidden_size=D, intermediate_size=F,
                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, mlp_bias=form.endswith('bias'),
-                   moe=moe)
+                   hidden_act='gelu_new' if arch == 'phi' else 'silu', moe=moe)
 
 
 def block_def(layout, impl='auto'):

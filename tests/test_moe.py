@@ -38,7 +38,8 @@ def make_cfg(layout='moiie-4', arch='llama', **moe_kw) -> LLMConfig:
   variant, nv, ns, nl, k = LAYOUTS[layout]
   moe = MoEConfig(variant=variant, n_vision=nv, n_shared=ns, n_language=nl, top_k=k, **moe_kw)
   return LLMConfig(architecture=arch, vocab_size=64, hidden_size=D, intermediate_size=F, num_hidden_layers=4,
-                   num_attention_heads=2, num_key_value_heads=2, moe=moe)
+                   num_attention_heads=2, num_key_value_heads=2, hidden_act='gelu_new' if arch == 'phi' else 'silu',
+                   moe=moe)
 
 
 def make_block(cfg, seed=0, router_std=1.0):
@@ -89,21 +90,28 @@ def test_parameter_names_and_shapes():
   shapes = {'.'.join(map(str, p)): v.shape for p, v in hf_convert.flat_abstract(phi3).items()}
   assert shapes == {'experts.gate_up_proj.kernel': (4, D, 2 * F), 'experts.down_proj.kernel': (4, F, D),
                     'gate.kernel': (D, 4)}
+  phi2 = moe_lib.MoEBlock(make_cfg('vanilla-4', arch='phi'), rngs=nnx.Rngs(0))
+  shapes = {'.'.join(map(str, p)): v.shape for p, v in hf_convert.flat_abstract(phi2).items()}
+  assert shapes == {'experts.fc1.kernel': (4, D, F), 'experts.fc1.bias': (4, F), 'experts.fc2.kernel': (4, F, D),
+                    'experts.fc2.bias': (4, D), 'gate.kernel': (D, 4)}
 
 
 # ------------------------------------------------------------------------------------------------ upcycling
 @pytest.mark.parametrize('layout, arch, bias', [('moiie-4', 'llama', False), ('moiie-8-balanced', 'phi3', False),
-                                                ('vanilla-4', 'llama', True), ('modality-4', 'phi3', False)])
+                                                ('vanilla-4', 'llama', True), ('modality-4', 'phi3', False),
+                                                ('moiie-4', 'phi', True)])
 def test_upcycled_block_equals_dense_mlp(layout, arch, bias):
-  cfg = dataclasses.replace(make_cfg(layout, arch), mlp_bias=bias)
+  cfg = dataclasses.replace(make_cfg(layout, arch), mlp_bias=bias and arch != 'phi')  # Phi-2's MLP is biased
   mlp = MLP(cfg, rngs=nnx.Rngs(3))
   if bias:  # nonzero biases, so that copying them is checked too
-    for name in ('gate_proj', 'up_proj', 'down_proj'):
-      lin = getattr(mlp, name)
-      lin.bias[...] = 0.1 * jax.random.normal(jax.random.key(5), lin.bias[...].shape)
+    for name in ('gate_proj', 'up_proj', 'down_proj', 'fc1', 'fc2'):
+      lin = getattr(mlp, name, None)
+      if lin is not None:
+        lin.bias[...] = 0.1 * jax.random.normal(jax.random.key(5), lin.bias[...].shape)
   block = moe_lib.MoEBlock(cfg, rngs=nnx.Rngs(0))
   nnx.update(block, up.upcycle_block(nnx.state(mlp, nnx.Param).to_pure_dict(), cfg, jax.random.key(4)))
-  np.testing.assert_array_equal(block.experts.down_proj.kernel[...][-1], mlp.down_proj.kernel[...])
+  last = 'fc2' if arch == 'phi' else 'down_proj'
+  np.testing.assert_array_equal(getattr(block.experts, last).kernel[...][-1], getattr(mlp, last).kernel[...])
   assert block.gate.kernel[...].std() == pytest.approx(cfg.initializer_range, rel=0.3)
   x, modality, valid = make_inputs()
   want = np.asarray(mlp(x))
@@ -259,7 +267,7 @@ def test_aux_loss_matches_hf_mixtral_per_router(scope):
 @pytest.mark.parametrize('layout', ['moiie-4', 'moiie-8-unbalanced', 'vanilla-4', 'modality-4'])
 @pytest.mark.parametrize('rule', ['all_image', 'official'])
 def test_capacity_path_equals_reference_when_capacity_is_ample(layout, rule):
-  cfg = make_cfg(layout, modality_rule=rule)
+  cfg = make_cfg(layout, arch='phi' if layout == 'moiie-8-unbalanced' else 'llama', modality_rule=rule)
   block = make_block(cfg)
   x, modality, valid = make_inputs()
   want = moe_lib.moe_reference(block, x, modality, valid)

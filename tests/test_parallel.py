@@ -44,8 +44,10 @@ def llm_cfg(layout, **kw) -> LLMConfig:
   nv, ns, nl = LAYOUTS[layout]
   moe = MoEConfig(variant='moiie', n_vision=nv, n_shared=ns, n_language=nl, top_k=2, aux_loss_coef=0.1,
                   z_loss_coef=0.01)
+  # The 8-expert layout is Phi-2's (parallel residual, LayerNorm, fc1/fc2 GELU experts with biases).
+  phi2 = dict(architecture='phi', hidden_act='gelu_new', partial_rotary_factor=0.5) if layout == 'moiie-8' else {}
   return LLMConfig(vocab_size=64, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=2, moe=moe, **kw)
+                   num_key_value_heads=2, moe=moe, **phi2, **kw)
 
 
 def assert_close(a, b, tol=1e-5, what=''):
@@ -138,7 +140,7 @@ def test_sharded_layer_equals_single_device(name):
   per_modality = np.asarray(ample[3].tokens_per_expert)  # [text, image] x E
   assert per_modality[0, :nv].sum() == 0 and per_modality[1, -nl:].sum() == 0 and per_modality.sum() > 0
   # The gradient w.r.t. the sharded expert weights keeps their layout (no gathered copy comes back).
-  kernel_grad = ample_grads[0]['experts']['gate_proj']['kernel']
+  kernel_grad = ample_grads[0]['experts']['fc1' if block.cfg.mlp_kind == 'gelu' else 'gate_proj']['kernel']
   assert kernel_grad[...].sharding.spec[0] == 'expert'
 
 
@@ -227,7 +229,8 @@ def test_sharded_train_step_equals_single_device(name, capacity, optimizer):
   moved = max(np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
   assert moved > 1e-4
   # The state stays in its layout: expert weights split over `expert`, Adam moments like their parameters.
-  experts = p['language_model']['model']['layers'][1]['mlp']['experts']['gate_proj']['kernel'][...]
+  first = 'fc1' if cfg.llm.mlp_kind == 'gelu' else 'gate_proj'
+  experts = p['language_model']['model']['layers'][1]['mlp']['experts'][first]['kernel'][...]
   assert experts.sharding.spec[0] == 'expert'
   assert experts.addressable_shards[0].data.shape[0] == cfg.llm.moe.n_experts // mesh.shape['expert']
   if optimizer == 'adamw':

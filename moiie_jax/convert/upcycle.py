@@ -25,23 +25,23 @@ from moiie_jax.models.decoder import layer_location
 from moiie_jax.models.routing import router_ranges
 
 Path = tuple
-MLP_NAMES = ('gate_proj', 'up_proj', 'gate_up_proj', 'down_proj')
+MLP_NAMES = ('gate_proj', 'up_proj', 'gate_up_proj', 'down_proj', 'fc1', 'fc2')
 
 
 def upcycle_experts(dense_mlp_params: Mapping[str, Any], moe_cfg: MoEConfig,
                     n_experts: int | None = None) -> dict[str, dict[str, np.ndarray]]:
   """{'gate_proj': {'kernel': [D, F], 'bias'?: [F]}, ...} -> the same names with E copies stacked: [E, D, F], [E, F].
 
-  n_experts defaults to `moe_cfg.n_experts`. Accepts LLaMA (`gate_proj`, `up_proj`, `down_proj`) or Phi-3
-  (`gate_up_proj`, `down_proj`) names; anything else is an error naming it.
+  n_experts defaults to `moe_cfg.n_experts`. Accepts SwiGLU (`gate_proj`, `up_proj`, `down_proj`), Phi-3
+  (`gate_up_proj`, `down_proj`) or Phi-2 (`fc1`, `fc2`) names; anything else is an error naming it.
   """
   n = moe_cfg.n_experts if n_experts is None else n_experts
   if n < 1:
     raise ConvertError(f'upcycle_experts: n_experts={n}; need at least one expert')
   unknown = sorted(set(dense_mlp_params) - set(MLP_NAMES))
-  if unknown or 'down_proj' not in dense_mlp_params:
-    raise ConvertError(f'upcycle_experts: expected dense MLP params {list(MLP_NAMES)} (down_proj required); got '
-                       f'{sorted(dense_mlp_params)}')
+  if unknown or not ({'down_proj'} <= set(dense_mlp_params) or {'fc1', 'fc2'} <= set(dense_mlp_params)):
+    raise ConvertError(f'upcycle_experts: expected dense MLP params {list(MLP_NAMES)} (down_proj, or fc1 and fc2, '
+                       f'required); got {sorted(dense_mlp_params)}')
   out = {}
   for name, leaves in dense_mlp_params.items():
     out[name] = {leaf: np.repeat(np.asarray(value)[None], n, axis=0) for leaf, value in leaves.items()}

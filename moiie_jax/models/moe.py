@@ -3,7 +3,8 @@
 Variants (`MoEConfig.variant`): `vanilla` has one router (`gate`) over shared experts for every token;
 `modality` sends vision tokens to vision experts (`gate_vis`) and text to language experts (`gate`); `moiie` has
 both routers, the visual one scoring vision ∪ shared experts and the textual one shared ∪ language experts.
-Every expert is a SwiGLU FFN with the decoder MLP's parameter layout, stacked on a leading expert axis.
+Every expert is an FFN of the decoder MLP's kind and parameter layout (SwiGLU, or Phi-2's fc1 -> GELU -> fc2 with
+biases), stacked on a leading expert axis.
 
 Execution: `MoEBlock.__call__` gathers the tokens into expert-ordered rows, runs the experts as matmuls and gathers
 the results back; the gathers have custom VJPs whose backward pass is the inverse gather, so neither direction
@@ -31,6 +32,7 @@ from flax import nnx
 from moiie_jax.models import gmm
 from moiie_jax.models.attention import logical
 from moiie_jax.models.config import ConfigError, LLMConfig, MoEConfig, capacity
+from moiie_jax.models.mlp import gelu
 from moiie_jax.models.routing import (MoEStats, assign_grouped, assign_slots, aux_loss, layer_aux_loss, route,
                                       router_ranges, routing_masks, routing_stats, weighted_aux_loss)
 
@@ -50,15 +52,21 @@ class StackedLinear(nnx.Module):
 
 
 class Experts(nnx.Module):
-  """E SwiGLU FFNs with the dense MLP's names: `gate_proj`/`up_proj`/`down_proj`, or Phi-3's `gate_up_proj`."""
+  """E FFNs with the dense MLP's names: `gate_proj`/`up_proj`/`down_proj`, Phi-3's `gate_up_proj`/`down_proj`, or
+  Phi-2's `fc1`/`fc2` (GELU, biased)."""
 
   def __init__(self, cfg: LLMConfig, n: int, *, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     if cfg.fused_projections and cfg.mlp_bias:
       raise ConfigError('LLMConfig.mlp_bias=True: the Phi-3 MLP has no biases (HF ignores the flag)')
-    kw = dict(bias=cfg.mlp_bias, std=cfg.initializer_range, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    kw = dict(bias=cfg.mlp_has_bias, std=cfg.initializer_range, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     self.fused = cfg.fused_projections
     self.dtype = jnp.dtype(cfg.dtype)
+    self.gelu = cfg.hidden_act if cfg.mlp_kind == 'gelu' else None  # the activation's HF name, or None (SwiGLU)
+    if self.gelu:
+      self.fc1 = StackedLinear(n, d, f, ('embed', 'mlp'), **kw)
+      self.fc2 = StackedLinear(n, f, d, ('mlp', 'embed'), **kw)
+      return
     if self.fused:
       self.gate_up_proj = StackedLinear(n, d, 2 * f, ('embed', 'gate_up'), **kw)  # gate first, then up (Phi3MLP)
     else:
@@ -86,6 +94,12 @@ class Experts(nnx.Module):
       bias = p.bias[...].astype(self.dtype)
       return out + jnp.concatenate([bias, jnp.zeros_like(bias[:1])])[row_expert]
 
+    return self.ffn(h, proj)
+
+  def ffn(self, h: jax.Array, proj: Callable[['StackedLinear', jax.Array], jax.Array]) -> jax.Array:
+    """The FFN of this kind, with `proj(p, a)` applying the stacked linear map p to a."""
+    if self.gelu:
+      return proj(self.fc2, gelu(self.gelu)(proj(self.fc1, h)))
     if self.fused:
       gate, up = jnp.split(proj(self.gate_up_proj, h), 2, axis=-1)
     else:
@@ -169,8 +183,8 @@ def expert_capacity(moe: MoEConfig, n_positions: int, capacity_factor: float) ->
 class MoEBlock(nnx.Module):
   """A decoder FFN replaced by experts and one or two routers (official MoIIE names `gate`, `gate_vis`).
 
-  Parameters: `experts.{gate_proj,up_proj,down_proj}.kernel` [E, D, F] / [E, F, D] (Phi-3: `gate_up_proj` [E, D, 2F]),
-  optional `.bias`; `gate.kernel` float [D, E_gate] (textual router, or vanilla's only router) and, unless vanilla,
+  Parameters: `experts.{gate_proj,up_proj,down_proj}.kernel` [E, D, F] / [E, F, D] (Phi-3: `gate_up_proj` [E, D, 2F];
+  Phi-2: `fc1` [E, D, F], `fc2` [E, F, D]), optional `.bias` [E, F] / [E, D]; `gate.kernel` float [D, E_gate] (textual router, or vanilla's only router) and, unless vanilla,
   `gate_vis.kernel` [D, E_vis]; experts ordered [vision..., shared..., language...].
 
   Capacity: one buffer of C rows per expert, C = ceil(capacity_factor * N * K / E) with N = B*T positions (static,
@@ -191,8 +205,7 @@ class MoEBlock(nnx.Module):
     moe.validate()
     if not moe.is_moe:
       raise ConfigError('MoEConfig.variant=dense: a dense layer has no experts; build the MLP instead')
-    if cfg.hidden_act != 'silu':
-      raise ConfigError(f'LLMConfig.hidden_act={cfg.hidden_act!r}: experts are SwiGLU (silu) FFNs')
+    cfg.validate()  # the activation fits the MLP kind
     self.cfg = cfg
     self.moe = moe
     self.experts = Experts(cfg, moe.n_experts, rngs=rngs)
@@ -249,6 +262,8 @@ def _ffn(experts: Experts, i: int, x: jax.Array) -> jax.Array:
   def lin(p, a):
     out = a @ p.kernel[...][i]
     return out if p.bias is None else out + p.bias[...][i]
+  if experts.gelu:
+    return lin(experts.fc2, gelu(experts.gelu)(lin(experts.fc1, x)))
   if experts.fused:
     gate, up = jnp.split(lin(experts.gate_up_proj, x), 2, axis=-1)
   else:

@@ -29,14 +29,14 @@ from moiie_jax.models.paths import path_names
 # (pattern searched at the end of the dotted path, logical axes of the trailing dimensions). First match wins.
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     # Expert layers: experts stacked on a leading axis; routers score a handful of experts (replicated outputs).
-    (r'experts\.(gate_proj|up_proj)\.kernel', ('expert', 'embed', 'mlp')),
-    (r'experts\.(gate_proj|up_proj)\.bias', ('expert', 'mlp')),
+    (r'experts\.(gate_proj|up_proj|fc1)\.kernel', ('expert', 'embed', 'mlp')),
+    (r'experts\.(gate_proj|up_proj|fc1)\.bias', ('expert', 'mlp')),
     (r'experts\.gate_up_proj\.kernel', ('expert', 'embed', 'gate_up')),
     (r'experts\.gate_up_proj\.bias', ('expert', 'gate_up')),
-    (r'experts\.down_proj\.kernel', ('expert', 'mlp', 'embed')),
-    (r'experts\.down_proj\.bias', ('expert', 'embed')),
+    (r'experts\.(down_proj|fc2)\.kernel', ('expert', 'mlp', 'embed')),
+    (r'experts\.(down_proj|fc2)\.bias', ('expert', 'embed')),
     (r'(gate|gate_vis)\.kernel', ('embed', None)),
-    # Dense FFNs: LLaMA / Phi-3 decoder MLPs, the SigLIP/CLIP MLP (fc1, fc2) and the connector (linear_1, 2).
+    # Dense FFNs: decoder MLPs (SwiGLU; Phi-2's fc1, fc2), the SigLIP/CLIP MLP (fc1, fc2) and the connector (linear_1, 2).
     (r'(mlp\.(gate_proj|up_proj|fc1)|multi_modal_projector\.linear_1)\.kernel', ('embed', 'mlp')),
     (r'(mlp\.(gate_proj|up_proj|fc1)|multi_modal_projector\.linear_1)\.bias', ('mlp',)),
     (r'mlp\.gate_up_proj\.kernel', ('embed', 'gate_up')),
@@ -46,11 +46,12 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r'self_attn\.(q_proj|k_proj|v_proj)\.kernel', ('embed', 'heads')),
     (r'self_attn\.(q_proj|k_proj|v_proj)\.bias', ('heads',)),
     (r'self_attn\.qkv_proj\.kernel', ('embed', 'qkv')),
-    (r'self_attn\.(o_proj|out_proj)\.kernel', ('heads', 'embed')),
-    (r'self_attn\.(o_proj|out_proj)\.bias', ('embed',)),
+    (r'self_attn\.(o_proj|out_proj|dense)\.kernel', ('heads', 'embed')),
+    (r'self_attn\.(o_proj|out_proj|dense)\.bias', ('embed',)),
     # Embeddings and the output head.
     (r'embed_tokens\.embedding', ('vocab', 'embed')),
     (r'lm_head\.kernel', ('embed', 'vocab')),
+    (r'lm_head\.bias', ('vocab',)),
     (r'embeddings\.patch_embedding\.kernel', (None, None, None, 'embed')),
     (r'embeddings\.patch_embedding\.bias', ('embed',)),
     (r'embeddings\.position_embedding\.embedding', (None, 'embed')),

@@ -17,7 +17,7 @@ def llm_matmul_params_per_token(cfg: LVLMConfig) -> int:
   llm = cfg.llm
   d, f, h = llm.hidden_size, llm.intermediate_size, llm.resolved_head_dim
   attn = d * h * (llm.num_attention_heads * 2 + llm.num_key_value_heads * 2)
-  ffn = 3 * d * f
+  ffn = (2 if llm.mlp_kind == 'gelu' else 3) * d * f  # fc1, fc2 (Phi-2) or gate, up, down (SwiGLU)
   moe_layers = set(llm.moe_layers)
   total = 0
   for i in range(llm.num_hidden_layers):

@@ -473,3 +473,84 @@ def test_bf16_compute_keeps_float32_routing():
   assert y.dtype == jnp.bfloat16 and stats.prob_sums.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y, np.float32), moe_lib.moe_reference(block, x, modality, valid),
                              atol=0.1, rtol=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed's gate
+def _deepspeed_top2(logits: np.ndarray, cf: float, min_capacity: int = 0):
+  """DeepSpeed's `top2gating` without noise, written from its definition (MoE-LLaVA's gate): returns the combine
+  tensor [S, E, C] and l_aux."""
+  s, e = logits.shape
+  gates = np.exp(logits - logits.max(1, keepdims=True))
+  gates /= gates.sum(1, keepdims=True)
+  cap = max(int(np.ceil(s / e * (2 * cf))), min_capacity)
+  mask1 = np.eye(e)[gates.argmax(1)]
+  masked = np.where(mask1 > 0, -np.inf, logits)
+  mask2 = np.eye(e)[masked.argmax(1)]
+  loc1 = np.cumsum(mask1, 0) - 1
+  loc2 = np.cumsum(mask2, 0) - 1 + mask1.sum(0, keepdims=True)  # every first choice before any second
+  l_aux = np.mean(gates.mean(0) * mask1.mean(0)) * e * e
+  mask1 *= loc1 < cap
+  mask2 *= loc2 < cap
+  g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+  denom = np.maximum(g1 + g2, np.finfo(np.float32).eps)
+  g1, g2 = g1 / denom, g2 / denom
+  combine = np.zeros((s, e, cap))
+  for i in range(s):
+    for g, mask, loc in ((g1, mask1, loc1), (g2, mask2, loc2)):
+      if mask[i].any():
+        j = int(mask[i].argmax())
+        combine[i, j, int(loc[i, j])] += g[i]
+  return combine, l_aux
+
+
+@pytest.mark.parametrize('cf, min_capacity', [(0.5, 0), (0.25, 8), (2.0, 0)])
+def test_deepspeed_gate_equals_top2gating_slot_by_slot(cf, min_capacity):
+  cfg = make_cfg('vanilla-4', gate='deepspeed', aux_loss_scope='sum', min_capacity=min_capacity)
+  block = make_block(cfg)
+  x, modality, valid = make_inputs()  # 3 padding positions: DeepSpeed routes them like any token
+  n = x.shape[0] * x.shape[1]
+  x2 = np.asarray(x, np.float64).reshape(n, D)
+  combine, want_aux = _deepspeed_top2(x2 @ np.asarray(block.gate.kernel[...], np.float64), cf, min_capacity)
+  c = combine.shape[2]
+  assert moe_lib.expert_capacity(cfg.moe, n, cf) == min(c, n)
+  # Our slots: the same routing, slot assignment and renormalised weights, laid out as DeepSpeed's [S, E, C].
+  vision, routed, _ = (m.reshape(-1) for m in routing.token_masks(modality, valid, cfg.moe))
+  assert bool(routed.all())
+  r = routing.route(jnp.asarray(x2, jnp.float32), block.gate.kernel[...], None, vision, cfg.moe)
+  a2s, _, kept = routing.assign_slots(r.experts, routed, 4, min(c, n))
+  w = np.asarray(routing.combine_weights(r, kept, cfg.moe))
+  ours = np.zeros((n, 4, c))
+  for i in range(n):
+    for j in range(2):
+      if kept[i, j]:
+        slot = int(a2s[i, j])
+        ours[i, slot // min(c, n), slot % min(c, n)] = w[i, j]
+  np.testing.assert_allclose(ours, combine, atol=1e-6)
+  if cf < 2.0:
+    assert (combine.sum((1, 2)) < 1 - 1e-6).any() or (combine > 0).sum() < 2 * n  # drops happened
+  # The layer's output and its aux loss (scope 'sum' over one layer = GShard's l_aux).
+  y, stats = block(x, modality, valid, capacity_factor=cf)
+  expert_out = np.stack([np.asarray(moe_lib._ffn(block.experts, e, jnp.asarray(x2, jnp.float32))) for e in range(4)])
+  want_y = np.einsum('SEC,ESD->SD', combine, expert_out)
+  np.testing.assert_allclose(np.asarray(y).reshape(n, D), want_y, atol=1e-5)
+  aux, _ = moe_lib.aux_loss([stats], cfg.moe)
+  assert float(aux) == pytest.approx(want_aux, rel=1e-5)
+
+
+def test_deepspeed_gate_config():
+  with pytest.raises(ConfigError, match='top_k'):
+    MoEConfig(variant='vanilla', n_vision=0, n_shared=4, n_language=0, top_k=1, gate='deepspeed').validate()
+  with pytest.raises(ConfigError, match='gate_noise'):
+    MoEConfig(variant='vanilla', n_vision=0, n_shared=4, n_language=0, gate_noise='gumbel').validate()
+  with pytest.raises(NotImplementedError, match='gumbel'):
+    MoEConfig(variant='vanilla', n_vision=0, n_shared=4, n_language=0, gate='deepspeed',
+              gate_noise='gumbel').validate()
+  with pytest.raises(ConfigError, match='gate'):
+    MoEConfig(gate='gshard').validate()
+  # Dropless, the deepspeed gate routes padding as well: the oracle agrees.
+  cfg = make_cfg('vanilla-4', gate='deepspeed')
+  block = make_block(cfg)
+  x, modality, valid = make_inputs()
+  y, _ = block(x, modality, valid, capacity_factor=0.0)
+  np.testing.assert_allclose(y, moe_lib.moe_reference(block, x, modality, valid), atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(y[1, -3:]).max()) > 0  # padding went through the experts

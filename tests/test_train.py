@@ -244,7 +244,9 @@ def _abstract_params(part_cfg, build) -> int:
     'phi3_mini_moiie.py:stage=2,experts=8,layout=balanced', 'phi3_mini_moiie.py:stage=2,experts=8,layout=unbalanced',
     'phi3_mini_moiie.py:stage=2,placement=all,aux=0.01', 'phi3_mini_moiie.py:stage=2,vision=clip',
     'phi3_mini_moiie.py:stage=3,three_stage=True', 'llama3_8b_moiie.py:stage=2', 'llama3_8b_moiie.py:stage=2,vision=clip',
-    'moe_llava.py:stage=3', 'moe_llava.py:stage=2', 'demo.py:stage=2'])
+    'moe_llava.py:stage=3', 'moe_llava.py:stage=2', 'moe_llava.py:stage=3,llm=stablelm2-1.6b',
+    'moe_llava.py:stage=3,llm=qwen-1.8b,vision=siglip', 'moe_llava.py:stage=3,llm=phi3-mini,gate=mixtral',
+    'demo.py:stage=2'])
 def test_every_recipe_builds_its_full_size_model(spec):
   c = recipe.load(os.path.join(ROOT, 'configs', spec))
   cfg = recipe.model_config(c)
@@ -264,6 +266,12 @@ def test_every_recipe_builds_its_full_size_model(spec):
      and 'placement' not in spec and 'vision' not in spec:
     assert cfg.llm.moe.variant == 'moiie' and len(cfg.llm.moe_layers) == 16 and cfg.llm.moe.n_experts == 4
     assert cfg.num_image_tokens == 729 and 7e9 < n < 9e9, n  # 4 experts in 16 of 32 layers of Phi-3-mini
+  if spec == 'moe_llava.py:stage=3':  # MoE-LLaVA-Phi2-2.7B-4e: 4 experts in the 16 even layers, its gate
+    moe = cfg.llm.moe
+    assert cfg.llm.architecture == 'phi' and cfg.llm.moe_layers == tuple(range(0, 32, 2)) and moe.n_experts == 4
+    assert (moe.gate, moe.aux_loss_scope, moe.capacity_factor, moe.eval_capacity_factor) == ('deepspeed', 'sum', 1.5,
+                                                                                             2.0)
+    assert 5e9 < n < 6.5e9, n  # 2.7B + 3 extra FFN copies in 16 layers + CLIP-L
 
 
 @pytest.mark.parametrize('variant', ['dense', 'moiie'])

@@ -85,13 +85,15 @@ class ChatTemplate:
 TEMPLATES = {
     'phi3': ChatTemplate('phi3', system=BUNNY_SYSTEM, sep2='<|endoftext|>'),
     'llama3': ChatTemplate('llama3', system=BUNNY_SYSTEM, sep2='<|end_of_text|>'),
+    # MoE-LLaVA's conv_phi / conv_stablelm / conv_qwen: the same text for all three backbones, no BOS.
+    'moe_llava': ChatTemplate('moe_llava', system=BUNNY_SYSTEM, sep2='<|endoftext|>'),
     'plain': ChatTemplate('plain', roles=('', ''), sep='', plain=True),
     'demo': ChatTemplate('demo', sep2='</s>'),
 }
 
 
 def get_template(name: str, **overrides: Any) -> ChatTemplate:
-  """A template by name (phi3 | llama3 | plain | demo); `overrides` replace fields, e.g. sep2='\\n' for Bunny's
+  """A template by name (phi3 | llama3 | moe_llava | plain | demo); `overrides` replace fields, e.g. sep2='\\n' for Bunny's
   original plain captions."""
   if name not in TEMPLATES:
     raise ValueError(f'chat template {name!r}: expected one of {sorted(TEMPLATES)}')

@@ -23,7 +23,9 @@ VISION_ARCHITECTURES = ('siglip', 'clip')
 MOE_VARIANTS = ('dense', 'vanilla', 'modality', 'moiie')
 MOE_PLACEMENTS = ('interleaved', 'all', 'list')
 MODALITY_RULES = ('all_image', 'official')
-AUX_LOSS_SCOPES = ('global', 'per_layer')
+AUX_LOSS_SCOPES = ('global', 'per_layer', 'sum')
+GATES = ('mixtral', 'deepspeed')
+GATE_NOISES = ('none', 'gumbel')
 GROUPED_MATMULS = ('auto', 'scan', 'ragged_dot', 'megablox')
 
 
@@ -79,8 +81,20 @@ class MoEConfig:
   layers: tuple[int, ...] = ()  # explicit MoE layer indices when placement == 'list'
   aux_loss_coef: float = 0.001
   # 'global': f and P over all MoE layers' tokens together (HF Mixtral loss on concatenated logits, as the
-  # official MoIIE code does); 'per_layer': the loss per layer, averaged over layers.
+  # official MoIIE code does); 'per_layer': the loss per layer, averaged over layers; 'sum': per layer, summed
+  # (DeepSpeed, MoE-LLaVA).
   aux_loss_scope: str = 'global'
+  # 'mixtral' (ours and the official MoIIE code's): softmax top-k over the router's experts, padding not routed,
+  # the Mixtral balance loss over all k choices. 'deepspeed' (MoE-LLaVA, DeepSpeed's top2gating): every position
+  # of the flattened batch is routed (padding included), capacity max(ceil(cf * 2 * N / E), min_capacity), the
+  # kept weights renormalised after the drop, GShard's balance loss over first choices (1.0 when uniform).
+  gate: str = 'mixtral'
+  min_capacity: int = 0  # DeepSpeed's floor on the capacity per expert (MoE-LLaVA: 0)
+  # Noise on the second choice of DeepSpeed's gate. 'none': argmax of the logits without the first (deterministic;
+  # our default, also at evaluation). 'gumbel': DeepSpeed's Gumbel-perturbed argmax, which it also applies at
+  # evaluation (so MoE-LLaVA's scores vary from run to run) -- not implemented yet (needs an RNG stream through
+  # the decoder); validate refuses it.
+  gate_noise: str = 'none'
   z_loss_coef: float = 0.0
   # 'all_image': every image token is routed as vision, padding is excluded from routing and loss (our default).
   # 'official': the official code's CogVLM rule: a token is vision when it and the next token are both image
@@ -108,6 +122,20 @@ class MoEConfig:
     _check_choice(owner, 'modality_rule', self.modality_rule, MODALITY_RULES)
     _check_choice(owner, 'aux_loss_scope', self.aux_loss_scope, AUX_LOSS_SCOPES)
     _check_choice(owner, 'grouped_matmul', self.grouped_matmul, GROUPED_MATMULS)
+    _check_choice(owner, 'gate', self.gate, GATES)
+    _check_choice(owner, 'gate_noise', self.gate_noise, GATE_NOISES)
+    if self.min_capacity < 0:
+      raise ConfigError(f'{owner}.min_capacity={self.min_capacity}: expected >= 0')
+    if self.gate == 'deepspeed':
+      if self.top_k != 2:
+        raise ConfigError(f"{owner}.top_k={self.top_k}: gate='deepspeed' is DeepSpeed's top-2 gate; expected 2")
+      if not self.renormalize:
+        raise ConfigError(f"{owner}.renormalize=False: gate='deepspeed' always renormalises the kept weights")
+    elif self.gate_noise != 'none':
+      raise ConfigError(f"{owner}.gate_noise={self.gate_noise!r}: noise is a choice of gate='deepspeed' only")
+    if self.gate_noise == 'gumbel':
+      raise NotImplementedError(f"{owner}.gate_noise='gumbel': DeepSpeed's noisy second choice is not implemented "
+                                f"yet (it needs an RNG stream through the decoder); use 'none'")
     for name in ('n_vision', 'n_language', 'n_shared'):
       if getattr(self, name) < 0:
         raise ConfigError(f'{owner}.{name}={getattr(self, name)}: expert counts must be >= 0')
@@ -329,7 +357,8 @@ class LVLMConfig:
   image_token_id: int = 32000
   # Which hidden state of the tower feeds the connector; -2 (second to last) as LLaVA does.
   vision_feature_layer: int = -2
-  # 'default' drops CLIP's class token; 'full' keeps it. SigLIP has none.
+  # 'default' drops CLIP's class token; 'full' keeps it. SigLIP has none. 'drop_first': MoE-LLaVA's [:, 1:] for
+  # any tower (SigLIP's first patch goes: 728 image tokens at 384 px).
   vision_feature_select_strategy: str = 'default'
   projector_hidden_act: str = 'gelu'
   multimodal_projector_bias: bool = True
@@ -339,13 +368,15 @@ class LVLMConfig:
     n = self.vision.num_patches
     if self.vision.has_class_token and self.vision_feature_select_strategy == 'full':
       n += 1
+    if self.vision_feature_select_strategy == 'drop_first' and not self.vision.has_class_token:
+      n -= 1
     return n
 
   def validate(self) -> None:
     self.llm.validate()
     self.vision.validate()
     _check_choice('LVLMConfig', 'vision_feature_select_strategy', self.vision_feature_select_strategy,
-                  ('default', 'full'))
+                  ('default', 'full', 'drop_first'))
     layers = self.vision.num_hidden_layers
     if not -layers - 1 <= self.vision_feature_layer <= layers:
       raise ConfigError(f'LVLMConfig.vision_feature_layer={self.vision_feature_layer}: the tower has '

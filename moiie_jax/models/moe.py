@@ -33,8 +33,9 @@ from moiie_jax.models import gmm
 from moiie_jax.models.attention import logical
 from moiie_jax.models.config import ConfigError, LLMConfig, MoEConfig, capacity
 from moiie_jax.models.mlp import gelu
-from moiie_jax.models.routing import (MoEStats, assign_grouped, assign_slots, aux_loss, layer_aux_loss, route,
-                                      router_ranges, routing_masks, routing_stats, weighted_aux_loss)
+from moiie_jax.models.routing import (MoEStats, assign_grouped, assign_slots, aux_loss, combine_weights,
+                                      layer_aux_loss, route, router_ranges, routing_stats, token_masks,
+                                      weighted_aux_loss)
 
 __all__ = ['Experts', 'MoEBlock', 'MoEStats', 'aux_loss', 'layer_aux_loss', 'moe_reference', 'weighted_aux_loss',
            'expert_capacity', 'expert_counts']
@@ -177,7 +178,7 @@ def expert_capacity(moe: MoEConfig, n_positions: int, capacity_factor: float) ->
   when cf <= 0 (the capacity layout's dropless bound)."""
   if capacity_factor <= 0:
     return n_positions
-  return min(n_positions, capacity(n_positions, moe.top_k, moe.n_experts, capacity_factor))
+  return min(n_positions, max(moe.min_capacity, capacity(n_positions, moe.top_k, moe.n_experts, capacity_factor)))
 
 
 class MoEBlock(nnx.Module):
@@ -240,7 +241,7 @@ class MoEBlock(nnx.Module):
     n, k, e = b * t, moe.top_k, moe.n_experts
     cf = moe.capacity_factor if capacity_factor is None else capacity_factor
     c = expert_capacity(moe, n, cf)
-    vision, routed, counted = (m.reshape(n) for m in routing_masks(modality, valid, moe.modality_rule))
+    vision, routed, counted = (m.reshape(n) for m in token_masks(modality, valid, moe))
     x2 = x.reshape(n, d)
     r = route(x2, self.gate.kernel[...], None if self.gate_vis is None else self.gate_vis.kernel[...], vision, moe)
     if cf <= 0 and k < e:  # dropless, grouped: N*K rows instead of the E*N of an [E, N, D] buffer
@@ -253,8 +254,8 @@ class MoEBlock(nnx.Module):
     buf = _dispatch(x2, s2n, a2s).reshape(shape)  # [E, C, D] or [N*K, D]
     out = self.experts(buf, sizes, impl=moe.grouped_matmul).reshape(-1, d)  # [S, D]
     picked = _collect(out, a2s, s2a)  # [N, K, D], 0 for dropped choices
-    y = jnp.einsum('NK,NKD->ND', r.weights.astype(picked.dtype), picked)
-    return y.reshape(b, t, d), routing_stats(r, vision, counted, kept)
+    y = jnp.einsum('NK,NKD->ND', combine_weights(r, kept, moe).astype(picked.dtype), picked)
+    return y.reshape(b, t, d), routing_stats(r, vision, counted, kept, routed, moe)
 
 
 def _ffn(experts: Experts, i: int, x: jax.Array) -> jax.Array:
@@ -286,6 +287,8 @@ def moe_reference(block: MoEBlock, x: jax.Array, modality: jax.Array, valid: jax
     is_vision, is_routed = (image & nxt).reshape(-1), jnp.ones(b * t, bool)
   else:
     is_vision, is_routed = (image & valid.astype(bool)).reshape(-1), valid.astype(bool).reshape(-1)
+  if moe.gate == 'deepspeed':  # DeepSpeed's gate routes padding too
+    is_routed = jnp.ones_like(is_routed)
   gates = jnp.zeros((b * t, moe.n_experts), jnp.float32)
   for router, (start, stop), members in ((block.gate, router_ranges(moe)[0], ~is_vision),
                                          (block.gate_vis, router_ranges(moe)[1], is_vision)):

@@ -1,7 +1,8 @@
 """Size presets: the one table of model shapes that configs and tests pick from by name.
 
 The full-size entries copy the published Hugging Face configs (microsoft/Phi-3-mini-4k-instruct,
-meta-llama/Meta-Llama-3-8B, google/siglip-so400m-patch14-384, openai/clip-vit-large-patch14-336); the `tiny-*`
+meta-llama/Meta-Llama-3-8B, microsoft/phi-2, stabilityai/stablelm-2-1_6b, Qwen/Qwen-1_8B,
+google/siglip-so400m-patch14-384, openai/clip-vit-large-patch14-336); the `tiny-*`
 entries have the same structure at toy size, for CPU tests and the demo.
 """
 
@@ -21,6 +22,22 @@ LLM_PRESETS: dict[str, LLMConfig] = {
         architecture='llama', vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
         max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001, pad_token_id=128001),
+    # MoE-LLaVA's backbones (microsoft/phi-2, stabilityai/stablelm-2-1_6b, Qwen/Qwen-1_8B as Qwen2 math: Qwen v1's
+    # config.intermediate_size 11008 is twice its FFN width).
+    'phi2': LLMConfig(
+        architecture='phi', vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, hidden_act='gelu_new', layer_norm_eps=1e-5,
+        partial_rotary_factor=0.4, rope_theta=10000.0, max_position_embeddings=2048, bos_token_id=50256,
+        eos_token_id=50256, pad_token_id=50256),
+    'stablelm2-1.6b': LLMConfig(
+        architecture='stablelm', vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+        num_attention_heads=32, num_key_value_heads=32, layer_norm_eps=1e-5, use_qkv_bias=True,
+        partial_rotary_factor=0.25, rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=100257,
+        eos_token_id=100257, pad_token_id=100257),
+    'qwen-1.8b': LLMConfig(
+        architecture='qwen2', vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+        num_attention_heads=16, num_key_value_heads=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=8192, eos_token_id=151643, pad_token_id=151643),
     # ~100M-parameter LLaMA-shaped decoder for CPU benchmarks.
     'llama-100m': LLMConfig(
         architecture='llama', vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
@@ -34,7 +51,21 @@ LLM_PRESETS: dict[str, LLMConfig] = {
         architecture='phi3', vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0,
         max_position_embeddings=1024, original_max_position_embeddings=1024),
+    'tiny-phi2': LLMConfig(
+        architecture='phi', vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, hidden_act='gelu_new', partial_rotary_factor=0.5,
+        max_position_embeddings=1024),
+    'tiny-stablelm2': LLMConfig(
+        architecture='stablelm', vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, use_qkv_bias=True, partial_rotary_factor=0.25,
+        max_position_embeddings=1024),
+    'tiny-qwen': LLMConfig(
+        architecture='qwen2', vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=1024),
 }
+# The tiny stand-in of each full-size decoder (a recipe's runlocal form).
+TINY_LLM = {'phi3-mini': 'tiny-phi3', 'llama3-8b': 'tiny-llama', 'phi2': 'tiny-phi2', 'stablelm2-1.6b': 'tiny-stablelm2',
+            'qwen-1.8b': 'tiny-qwen'}
 
 VISION_PRESETS: dict[str, VisionConfig] = {
     'siglip-so400m-384': VisionConfig(

@@ -62,6 +62,15 @@ def routing_masks(modality: jax.Array, valid: jax.Array, rule: str) -> tuple[jax
   raise ValueError(f'MoEConfig.modality_rule={rule!r}: expected all_image or official')
 
 
+def token_masks(modality: jax.Array, valid: jax.Array, moe: MoEConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`routing_masks` under the layer's gate: DeepSpeed's gate (`MoEConfig.gate='deepspeed'`) routes every position
+  of the flattened batch, padding included, as MoE-LLaVA does (padding then takes expert capacity)."""
+  vision, routed, counted = routing_masks(modality, valid, moe.modality_rule)
+  if moe.gate == 'deepspeed':
+    routed = jnp.ones_like(routed)
+  return vision, routed, counted
+
+
 @struct.dataclass
 class Routing:
   """One layer's routing decisions over N flattened positions."""
@@ -102,6 +111,19 @@ def route(x: jax.Array, gate_kernel: jax.Array, gate_vis_kernel: jax.Array | Non
   if moe.renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return Routing(experts=experts.astype(jnp.int32), weights=weights, probs=probs, lse=lse, row=row)
+
+
+def combine_weights(r: Routing, kept: jax.Array, moe: MoEConfig) -> jax.Array:
+  """float32[N, K]: the weights that combine each position's kept expert outputs.
+
+  Mixtral-style gate: the router's top-k weights as `route` gave them (a dropped choice just contributes 0).
+  DeepSpeed's top-2 gate renormalises after the drop: p_k * kept_k / max(sum of the kept p, eps), so a token that
+  lost its second expert gives weight 1 to its first (and one that lost both gives nothing).
+  """
+  if moe.gate != 'deepspeed':
+    return r.weights
+  p = jnp.take_along_axis(r.probs, r.experts, axis=-1) * kept.astype(jnp.float32)
+  return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), jnp.finfo(jnp.float32).eps)
 
 
 def _ranks(experts: jax.Array, routed: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -178,20 +200,30 @@ class MoEStats:
   router_entropy: jax.Array  # float32[2], mean entropy (nats) of the router distribution, per modality
 
 
-def routing_stats(r: Routing, vision: jax.Array, counted: jax.Array, kept: jax.Array) -> MoEStats:
-  """vision, counted: bool[N]; kept: bool[N, K]."""
+def routing_stats(r: Routing, vision: jax.Array, counted: jax.Array, kept: jax.Array, routed: jax.Array | None = None,
+                  moe: MoEConfig | None = None) -> MoEStats:
+  """vision, counted, routed: bool[N]; kept: bool[N, K].
+
+  Under DeepSpeed's gate (moe.gate='deepspeed') the balance-loss fields (slot_counts, prob_sums, num_tokens,
+  z_sum) and the dropped fraction cover every routed position (padding included, as DeepSpeed's gate sees the
+  flattened batch) and slot_counts counts first choices only, so that `aux_loss` gives GShard's
+  E * sum_e mean_gate_e * first_choice_fraction_e. The per-modality fields count `counted` positions either way.
+  """
   e_total = r.probs.shape[-1]
-  c = counted.astype(jnp.float32)
-  chosen = jnp.sum(jax.nn.one_hot(r.experts, e_total, dtype=jnp.float32), axis=1)  # [N, E]
-  weight = jnp.einsum('NK,NKE->NE', r.weights, jax.nn.one_hot(r.experts, e_total, dtype=jnp.float32))
+  gshard = moe is not None and moe.gate == 'deepspeed'
+  c = (routed if gshard else counted).astype(jnp.float32)
+  onehot = jax.nn.one_hot(r.experts, e_total, dtype=jnp.float32)  # [N, K, E]
+  chosen = jnp.sum(onehot, axis=1)  # [N, E]
+  weight = jnp.einsum('NK,NKE->NE', combine_weights(r, kept, moe) if moe is not None else r.weights, onehot)
   by_router = jax.nn.one_hot(r.row, 2, dtype=jnp.float32) * c[:, None]  # [N, 2]
-  by_modality = jax.nn.one_hot(vision.astype(jnp.int32), 2, dtype=jnp.float32) * c[:, None]  # [N, 2]
+  counted_f = counted.astype(jnp.float32)
+  by_modality = jax.nn.one_hot(vision.astype(jnp.int32), 2, dtype=jnp.float32) * counted_f[:, None]  # [N, 2]
   logp = jnp.log(jnp.where(r.probs > 0, r.probs, 1.0))
   entropy = -jnp.sum(r.probs * logp, axis=-1)  # [N]
   n_modality = jnp.sum(by_modality, axis=0)
   n_choices = jnp.sum(c) * r.experts.shape[1]
   return MoEStats(
-      slot_counts=jnp.einsum('NR,NE->RE', by_router, chosen),
+      slot_counts=jnp.einsum('NR,NE->RE', by_router, onehot[:, 0] if gshard else chosen),
       prob_sums=jnp.einsum('NR,NE->RE', by_router, r.probs),
       num_tokens=jnp.sum(by_router, axis=0),
       z_sum=jnp.einsum('NR,N->R', by_router, jnp.square(r.lse)),
@@ -229,17 +261,20 @@ def aux_loss(stats: MoEStats | Sequence[MoEStats], moe: MoEConfig) -> tuple[jax.
   The balance loss is the Hugging Face Mixtral loss applied to each router separately and summed (the official
   MoIIE code's visual + textual losses): E_r * sum_e f_e P_e with f_e = top-k choices of e / tokens (sum_e f_e = k)
   and P_e the mean probability of e, over that router's counted tokens; it equals k per router when routing is
-  perfectly uniform. 'global' scope sums counts and probabilities over all layers first (HF on concatenated
-  logits); 'per_layer' averages the per-layer losses. The z-loss is mean logsumexp(logits)^2, summed over routers.
+  perfectly uniform. Under DeepSpeed's gate f_e counts first choices only (GShard's loss, 1 when uniform; see
+  `routing_stats`). 'global' scope sums counts and probabilities over all layers first (HF on concatenated
+  logits); 'per_layer' averages the per-layer losses; 'sum' adds them (DeepSpeed / MoE-LLaVA). The z-loss is mean
+  logsumexp(logits)^2, summed over routers (averaged over layers, or summed under 'sum').
   """
   s = _stacked(stats)
   sizes = jnp.asarray(router_sizes(moe))
   if moe.aux_loss_scope == 'global':
     return _losses(*(jnp.sum(a, axis=0) for a in (s.slot_counts, s.prob_sums, s.num_tokens, s.z_sum)), sizes)
-  if moe.aux_loss_scope == 'per_layer':
+  if moe.aux_loss_scope in ('per_layer', 'sum'):
     aux, z = _losses(s.slot_counts, s.prob_sums, s.num_tokens, s.z_sum, sizes)
-    return jnp.mean(aux), jnp.mean(z)
-  raise ValueError(f'MoEConfig.aux_loss_scope={moe.aux_loss_scope!r}: expected global or per_layer')
+    reduce = jnp.sum if moe.aux_loss_scope == 'sum' else jnp.mean
+    return reduce(aux), reduce(z)
+  raise ValueError(f'MoEConfig.aux_loss_scope={moe.aux_loss_scope!r}: expected global, per_layer or sum')
 
 
 def layer_aux_loss(stats: MoEStats, moe: MoEConfig) -> tuple[jax.Array, jax.Array]:

@@ -212,11 +212,12 @@ class VisionTower(nnx.Module):
 
     pixel_values: float32[B, H, W, C] -> [B, N, D] (N = num_patches, plus 1 for CLIP with 'full').
     SigLIP has no class token, so both strategies keep all patches (HF LLaVA would slice off a patch under
-    'default'; SigLIP LLaVA checkpoints therefore use 'full', which is what both mean here).
+    'default'; SigLIP LLaVA checkpoints therefore use 'full', which is what both mean here). 'drop_first' is
+    MoE-LLaVA's `[:, 1:]` whatever the tower: CLIP's class token, or SigLIP's first patch (728 of 729 tokens).
     """
-    if select_strategy not in ('default', 'full'):
-      raise ValueError(f'vision_feature_select_strategy={select_strategy!r}: expected default or full')
+    if select_strategy not in ('default', 'full', 'drop_first'):
+      raise ValueError(f'vision_feature_select_strategy={select_strategy!r}: expected default, full or drop_first')
     x = self(pixel_values, output_layer=layer)
-    if select_strategy == 'default' and self.cfg.has_class_token:
+    if (select_strategy == 'default' and self.cfg.has_class_token) or select_strategy == 'drop_first':
       x = x[:, 1:]
     return x

@@ -59,7 +59,8 @@ from moiie_jax.models import gmm
 from moiie_jax.models import moe as moe_lib
 from moiie_jax.models import partitioning
 from moiie_jax.models.config import ConfigError, MoEConfig
-from moiie_jax.models.routing import MoEStats, assign_grouped, assign_slots, route, routing_masks, routing_stats
+from moiie_jax.models.routing import (MoEStats, assign_grouped, assign_slots, combine_weights, route,
+                                      routing_stats, token_masks)
 from moiie_jax.parallel import mesh as mesh_lib
 
 # The position<->slot gathers with inverse-gather VJPs (no scatter-add of D-wide rows), shared with MoEBlock.
@@ -208,7 +209,7 @@ def _moe_forward(block: moe_lib.MoEBlock, x: jax.Array, modality: jax.Array, val
 
   def sharded(x_l, modality_l, valid_l, expert_state_l, gate_l, gate_vis_l):
     """One device: x_l [B_l, T, D], its tokens' flags, its E/P experts, the replicated routers."""
-    vision, routed, counted = (m.reshape(n_l) for m in routing_masks(modality_l, valid_l, moe.modality_rule))
+    vision, routed, counted = (m.reshape(n_l) for m in token_masks(modality_l, valid_l, moe))
     x2 = x_l.reshape(n_l, d)
     r = route(x2, gate_l, gate_vis_l, vision, moe)
     experts = nnx.merge(expert_def, expert_state_l)
@@ -228,8 +229,8 @@ def _moe_forward(block: moe_lib.MoEBlock, x: jax.Array, modality: jax.Array, val
       out = out.reshape(e // ep, ep, c_l, d).transpose(1, 0, 2, 3)  # [P sources, L, C, D]
       out = jax.lax.all_to_all(out, axis, 0, 0, tiled=True).reshape(e * c_l, d)  # [S, D], back in slot order
     picked = _collect_rows(out, a2s, s2a)  # [N_l, K, D], 0 for dropped choices
-    y = jnp.einsum('NK,NKD->ND', r.weights.astype(picked.dtype), picked)
-    stats = routing_stats(r, vision, counted, kept)
+    y = jnp.einsum('NK,NKD->ND', combine_weights(r, kept, moe).astype(picked.dtype), picked)
+    stats = routing_stats(r, vision, counted, kept, routed, moe)
     return y.reshape(-1, t, d), (combine_stats(stats, total, k) if tokens else stats)
 
   experts_spec = jax.tree.map(lambda a: P(axis, *([None] * (a.ndim - 1))), expert_state)

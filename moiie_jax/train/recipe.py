@@ -38,7 +38,7 @@ from moiie_jax.train import optimizer as optimizer_lib
 
 MOE_OVERRIDE_FIELDS = ('top_k', 'renormalize', 'capacity_factor', 'eval_capacity_factor', 'placement',
                        'first_layer', 'layers', 'aux_loss_coef', 'aux_loss_scope', 'z_loss_coef', 'modality_rule',
-                       'router_init_std', 'grouped_matmul')
+                       'router_init_std', 'grouped_matmul', 'gate', 'min_capacity', 'gate_noise')
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -192,7 +192,7 @@ def paper_recipe(a: ml_collections.ConfigDict, *, llm: str, template: str) -> ml
   c.model.remat = True
   c.model.remat_policy = 'full'
   if a.runlocal:
-    c.model.llm = 'tiny-phi3' if llm.startswith('phi3') else 'tiny-llama'
+    c.model.llm = presets.TINY_LLM[llm]
     c.model.vision = tiny
     c.model.dtype = 'float32'
     c.model.remat = False

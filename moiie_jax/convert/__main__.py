@@ -2,6 +2,7 @@
 
     python -m moiie_jax.convert --llm HF_LLM_DIR --vision HF_VISION_DIR --out DIR [--template phi3]
     python -m moiie_jax.convert --llava HF_LLAVA_DIR --out DIR
+    python -m moiie_jax.convert --moe-llava MOE_LLAVA_DIR [--vision HF_VISION_DIR] --out DIR
 
 Writes DIR/config.json, DIR/params (Orbax), DIR/meta.json and the tokenizer files, atomically: on any error
 it prints one line naming what was wrong, exits non-zero and leaves no partial folder.
@@ -18,10 +19,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument('--llm', help='HF LLM folder (LlamaForCausalLM or Phi3ForCausalLM); needs --vision')
   src.add_argument('--llava', help='HF LLaVA folder (LlavaForConditionalGeneration)')
-  p.add_argument('--vision', help='HF vision folder (SiglipVisionModel/SiglipModel/CLIPVisionModel/CLIPModel)')
+  src.add_argument('--moe-llava', help='a MoE-LLaVA folder (its MoE stage-3 or dense stage-2 models: Phi-2, '
+                                      'StableLM, Qwen)')
+  p.add_argument('--vision', help='HF vision folder (SiglipVisionModel/SiglipModel/CLIPVisionModel/CLIPModel); '
+                                  'with --moe-llava, the tower when the checkpoint lacks it or names an unknown one')
   p.add_argument('--out', required=True, help='output checkpoint folder')
   p.add_argument('--template', default=None,
-                 help='chat template name stored in meta.json (phi3, llama3, plain); default from the LLM type')
+                 help='chat template name stored in meta.json (phi3, llama3, moe_llava, plain); default from the LLM '
+                      'type')
   p.add_argument('--vision-feature-layer', type=int, default=-2,
                  help='tower hidden state fed to the connector (LLaVA: -2, the second to last)')
   p.add_argument('--image-token-id', type=int, default=None,
@@ -33,30 +38,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   if args.llm and not args.vision:
     p.error('--llm needs --vision')
   if args.llava and args.vision:
-    p.error('--vision goes with --llm, not with --llava')
+    p.error('--vision goes with --llm or --moe-llava, not with --llava')
   return args
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from moiie_jax import compile_cache
-  from moiie_jax.convert import folder, sources
+  from moiie_jax.convert import folder, hf, sources
   from moiie_jax.convert.errors import ConvertError
   from moiie_jax.models.config import ConfigError
   compile_cache.enable()
   try:
+    notes, tower = [], None
     if args.llava:
       cfg, state = sources.from_llava(args.llava)
       tokenizer_dir, source = args.llava, {'llava': args.llava}
+    elif args.moe_llava:
+      cfg, state, notes = sources.from_moe_llava(args.moe_llava, args.vision)
+      tokenizer_dir, source = args.moe_llava, {'moe_llava': args.moe_llava}
+      tower = hf.read_config(args.moe_llava).get('mm_image_tower')
     else:
       cfg, state = sources.from_llm_and_vision(args.llm, args.vision, image_token_id=args.image_token_id,
                                                vision_feature_layer=args.vision_feature_layer, seed=args.seed)
       tokenizer_dir, source = args.llm, {'llm': args.llm, 'vision': args.vision}
     if args.dtype != 'float32':
       cfg, state = sources.with_param_dtype(cfg, args.dtype), sources.cast_state(state, args.dtype)
-    template = args.template or {'phi3': 'phi3', 'llama': 'llama3'}[cfg.llm.architecture]
+    template = args.template or ('moe_llava' if args.moe_llava else sources.DEFAULT_TEMPLATES[cfg.llm.architecture])
     out = folder.save_folder(args.out, cfg, state, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite,
-                             meta={'template': template, 'source': source})
+                             meta={'template': template, 'source': source, **({'notes': notes} if notes else {}),
+                                   **({'image_tower': tower} if tower else {})})
   except (ConvertError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

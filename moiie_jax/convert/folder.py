@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from flax import nnx
 
+from moiie_jax.convert import hf
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.models import config as config_lib
 from moiie_jax.models.lvlm import LVLM
@@ -31,31 +30,13 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
 def save_folder(out_dir: str, cfg: config_lib.LVLMConfig, params: nnx.State, *, tokenizer_dir: str | None = None,
                 meta: dict[str, Any] | None = None, overwrite: bool = False) -> str:
   """Writes a complete converted-checkpoint folder at `out_dir` atomically; returns its absolute path."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise ConvertError(f'{out_dir}: already exists and is not empty (pass --overwrite to replace it)')
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-', dir=parent)
-  try:
+  with hf.atomic_folder(out_dir, overwrite) as tmp:
     config_lib.save_json(cfg, os.path.join(tmp, 'config.json'))
     save_params(os.path.join(tmp, 'params'), params)
-    copied = []
-    if tokenizer_dir:
-      for name in TOKENIZER_FILES:
-        src = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(src):
-          shutil.copy(src, os.path.join(tmp, name))
-          copied.append(name)
+    copied = hf.copy_files(tokenizer_dir, TOKENIZER_FILES, tmp)
     with open(os.path.join(tmp, 'meta.json'), 'w') as f:
       json.dump({**(meta or {}), 'tokenizer_files': copied}, f, indent=2, sort_keys=True)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir
+  return os.path.abspath(out_dir)
 
 
 def read_meta(folder: str) -> dict[str, Any]:

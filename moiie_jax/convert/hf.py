@@ -8,9 +8,12 @@ unexpected or mis-shaped key is a `ConvertError` that names it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -112,6 +115,72 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
     if os.path.isfile(path):
       return reader(path)
   raise ConvertError(f'{folder}: has config.json but no weights (expected one of {list(_WEIGHT_FILES)})')
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+  """A .safetensors file (numpy only; bf16 via ml_dtypes), as the format defines: an 8-byte header length, the JSON
+  header of dtype, shape and byte offsets, then the tensors' bytes in header order."""
+  names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+  header, offset, blobs = {}, 0, []
+  for name in sorted(tensors):
+    array = np.ascontiguousarray(tensors[name])
+    if array.dtype not in names:
+      raise ConvertError(f'{path}: tensor {name} has dtype {array.dtype}, which safetensors cannot hold')
+    blob = array.tobytes()
+    header[name] = {'dtype': names[array.dtype], 'shape': list(array.shape), 'data_offsets': [offset,
+                                                                                              offset + len(blob)]}
+    offset += len(blob)
+    blobs.append(blob)
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # the data starts 8-aligned
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(raw)))
+    f.write(raw)
+    for blob in blobs:
+      f.write(blob)
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str, overwrite: bool = False):
+  """Yields a temporary folder beside `out_dir` to fill; renames it to `out_dir` when the block ends normally and
+  removes it on any error, so `out_dir` is never left half written. A non-empty `out_dir` is refused unless
+  `overwrite`."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ConvertError(f'{out_dir}: already exists and is not empty (pass --overwrite to replace it)')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-', dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def copy_files(src_dir: str | None, names: Iterable[str], dst_dir: str) -> list[str]:
+  """Copies those of `names` that exist in `src_dir` into `dst_dir`; returns the names copied."""
+  copied = []
+  for name in names if src_dir else ():
+    if os.path.isfile(os.path.join(src_dir, name)):
+      shutil.copy(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+      copied.append(name)
+  return copied
+
+
+def write_folder(out_dir: str, hf_config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
+                 copy_from: str | None = None, files: Iterable[str] = (), overwrite: bool = False) -> str:
+  """An HF-style folder (config.json, model.safetensors and `files` copied from `copy_from`), written atomically
+  (`atomic_folder`). Returns its absolute path."""
+  with atomic_folder(out_dir, overwrite) as tmp:
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(dict(hf_config), f, indent=2, sort_keys=True)
+    write_safetensors(os.path.join(tmp, 'model.safetensors'), tensors)
+    copy_files(copy_from, files, tmp)
+  return os.path.abspath(out_dir)
 
 
 def _name(path: Path) -> str:

@@ -101,15 +101,25 @@ def _check_shape(key: str, array: np.ndarray, want: tuple[int, ...]) -> None:
     raise ConvertError(f'{key}: shape {tuple(array.shape)}, expected {tuple(want)} for this LLMConfig')
 
 
+def _check_without_mlp(cfg: LLMConfig, without_mlp) -> frozenset[int]:
+  without_mlp = frozenset(without_mlp)
+  if without_mlp and cfg.scan_layers:
+    raise ConvertError('without_mlp needs a looped LLMConfig (scan_layers=False); relayout afterwards')
+  return without_mlp
+
+
 def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decoder_prefix: str = 'model.',
-                       lm_head_key: str = 'lm_head.weight') -> dict[tuple, np.ndarray]:
+                       lm_head_key: str = 'lm_head.weight', without_mlp=()) -> dict[tuple, np.ndarray]:
   """Our flat state paths (as `nnx.to_flat_state(nnx.state(CausalLM(cfg)))` lists them) -> arrays.
 
   tensors: HF name -> array (numpy, any dtype; kept as given). Kernels come back transposed to [in, out] and, with
   cfg.scan_layers, stacked on the leading axis. Raises ConvertError naming the key for an unmapped key under
   `decoder_prefix`, a missing key, a wrong shape, a tied lm_head that differs from the embeddings, or an MoE config.
+  without_mlp: indices of layers whose FFN is not among `tensors` (an expert layer another converter assembles,
+  e.g. MoE-LLaVA's); their `mlp.*` keys are neither expected nor accepted (looped cfg only).
   """
   _check_dense(cfg)
+  without_mlp = _check_without_mlp(cfg, without_mlp)
   rules, base = _layer_rules(cfg), _base_rules(cfg)
   n_layers = cfg.num_hidden_layers
   out: dict[tuple, np.ndarray] = {}
@@ -142,7 +152,7 @@ def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decode
         continue
       if i >= n_layers:
         raise ConvertError(f'{key}: layer {i} does not exist; LLMConfig.num_hidden_layers={n_layers}')
-      if suffix not in rules:
+      if suffix not in rules or (i in without_mlp and suffix.startswith('mlp.')):
         raise ConvertError(f'{key}: no rule maps this key for architecture={cfg.architecture!r} (attention_bias='
                            f'{cfg.attention_bias}, mlp_bias={cfg.mlp_bias}); expected one of layers.{{i}}.'
                            f'{sorted(rules)}')
@@ -175,7 +185,7 @@ def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decode
     out[('lm_head', 'bias')] = bias
     seen.add(bias_key)
 
-  missing = [k for k in llm_hf_keys(cfg, decoder_prefix, lm_head_key) if k not in seen]
+  missing = [k for k in llm_hf_keys(cfg, decoder_prefix, lm_head_key, without_mlp) if k not in seen]
   if missing:
     more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
     raise ConvertError(f'missing HF keys {missing[:5]}{more} (decoder_prefix={decoder_prefix!r}, '
@@ -185,12 +195,15 @@ def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decode
   return out
 
 
-def llm_hf_keys(cfg: LLMConfig, decoder_prefix: str = 'model.', lm_head_key: str = 'lm_head.weight') -> list[str]:
-  """Every HF key a dense checkpoint of this config holds (without a tied lm_head), in layer order."""
+def llm_hf_keys(cfg: LLMConfig, decoder_prefix: str = 'model.', lm_head_key: str = 'lm_head.weight',
+                without_mlp=()) -> list[str]:
+  """Every HF key a dense checkpoint of this config holds (without a tied lm_head), in layer order; no `mlp.*` keys
+  at the layers in `without_mlp`."""
   base = list(_base_rules(cfg))
   keys = [decoder_prefix + base[0]]
   suffixes = list(_layer_rules(cfg))
-  keys += [f'{decoder_prefix}layers.{i}.{s}' for i in range(cfg.num_hidden_layers) for s in suffixes]
+  keys += [f'{decoder_prefix}layers.{i}.{s}' for i in range(cfg.num_hidden_layers) for s in suffixes
+           if not (i in without_mlp and s.startswith('mlp.'))]
   keys += [decoder_prefix + k for k in base[1:]]
   if not cfg.tie_word_embeddings:
     keys.append(lm_head_key)
@@ -207,14 +220,17 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def llm_params_to_hf(flat: Mapping[tuple, Any], cfg: LLMConfig, decoder_prefix: str = 'model.',
-                     lm_head_key: str = 'lm_head.weight', include_tied_lm_head: bool = False) -> dict[str, np.ndarray]:
+                     lm_head_key: str = 'lm_head.weight', include_tied_lm_head: bool = False,
+                     without_mlp=()) -> dict[str, np.ndarray]:
   """The inverse of `llm_params_from_hf`: HF name -> numpy array ([out, in] weights, layers unstacked).
 
   flat: our path -> array or nnx.Variable (e.g. `dict(nnx.to_flat_state(nnx.state(model)))`). A tied model
   exports no lm_head unless include_tied_lm_head (HF's state_dict() lists it, save_pretrained drops it). A path of
-  ours that no rule reads, or a missing one, is a ConvertError naming it.
+  ours that no rule reads, or a missing one, is a ConvertError naming it. without_mlp: as in `llm_params_from_hf`
+  (the caller exports those layers' FFN itself and leaves them out of `flat`).
   """
   _check_dense(cfg)
+  without_mlp = _check_without_mlp(cfg, without_mlp)
   rules = _layer_rules(cfg)
   flat = {tuple(k): v for k, v in flat.items()}
   used: set[tuple] = set()
@@ -233,6 +249,8 @@ def llm_params_to_hf(flat: Mapping[tuple, Any], cfg: LLMConfig, decoder_prefix: 
   for i in range(cfg.num_hidden_layers):
     location, stack_index = layer_location(cfg, i)
     for suffix, (sub, transpose, _) in rules.items():
+      if i in without_mlp and suffix.startswith('mlp.'):
+        continue
       path = location + sub
       if path not in cache:
         cache[path] = get(path)

@@ -1,11 +1,13 @@
-"""Whole-model conversion from the two Hugging Face sources users have.
+"""Whole-model conversion from the Hugging Face sources users have.
 
 (a) A separate LLM folder (LlamaForCausalLM, Phi3ForCausalLM) plus a separate vision folder (SiglipVisionModel,
     SiglipModel, CLIPVisionModel, CLIPModel) with a freshly initialised connector: how the paper builds its model.
 (b) A LLaVA folder (LlavaForConditionalGeneration as llava-hf publishes it, with the legacy `language_model.model.*`
     keys that `save_pretrained` writes, or the in-memory `model.language_model.*` layout).
 
-Both return (LVLMConfig, nnx.State of parameters), checked path by path against `nnx.eval_shape` of the model.
+(c) A MoE-LLaVA folder (`convert/moe_llava.py`: its MoE or dense models, Phi-2, StableLM or Qwen v1).
+
+Each returns (LVLMConfig, nnx.State of parameters), checked path by path against `nnx.eval_shape` of the model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from moiie_jax.convert import hf
+from moiie_jax.convert import moe_llava
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.convert.llm_keys import llm_params_from_hf
 from moiie_jax.convert.vision_keys import connector_params_from_hf, vision_params_from_hf
@@ -25,7 +28,11 @@ from moiie_jax.models import config as config_lib
 from moiie_jax.models.connector import MultiModalProjector
 from moiie_jax.models.lvlm import LVLM
 
-LLM_ARCHITECTURES = ('LlamaForCausalLM', 'Phi3ForCausalLM')
+LLM_ARCHITECTURES = ('LlamaForCausalLM', 'Phi3ForCausalLM', 'PhiForCausalLM', 'StableLmForCausalLM',
+                     'Qwen2ForCausalLM')
+# The chat template a converted folder records by default, per decoder family.
+DEFAULT_TEMPLATES = {'phi3': 'phi3', 'llama': 'llama3', 'phi': 'moe_llava', 'stablelm': 'moe_llava',
+                     'qwen2': 'moe_llava'}
 VISION_ARCHITECTURES = ('SiglipVisionModel', 'SiglipModel', 'CLIPVisionModel', 'CLIPModel')
 LLAVA_ARCHITECTURES = ('LlavaForConditionalGeneration',)
 
@@ -106,6 +113,12 @@ def from_llava(llava_dir: str) -> tuple[config_lib.LVLMConfig, nnx.State]:
   flat.update(_prefixed(('multi_modal_projector',), connector_params_from_hf(groups['projector'], prefix='')))
   state = hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, llava_dir)
   return cfg, state
+
+
+def from_moe_llava(folder: str, vision_dir: str | None = None) -> tuple[config_lib.LVLMConfig, nnx.State, list[str]]:
+  """Source (c): a MoE-LLaVA folder (`convert.moe_llava`); returns the notes of what was filled in or resized."""
+  cfg, flat, notes = moe_llava.read_folder(folder, vision_dir)
+  return cfg, hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, folder), notes
 
 
 def cast_state(state: nnx.State, dtype: str) -> nnx.State:

@@ -5,6 +5,7 @@ coefficient 0.01, three stages:
     stage=1  connector only, lr 1e-3, batch 256
     stage=2  LLM + connector (dense SFT), lr 2e-5, batch 128
     stage=3  upcycle, then experts + routers only, lr 2e-5, batch 128
+    sequences of up to 2048 tokens in every stage (its scripts' model_max_length; Phi-2's whole context)
 
     llm=phi2 | stablelm2-1.6b | qwen-1.8b   its released backbones (Phi2-2.7B-4e, StableLM-1.6B-4e, Qwen-1.8B-4e)
     llm=phi3-mini | llama3-8b              our backbones, for a like-for-like comparison with MoIIE
@@ -39,6 +40,8 @@ def get_config(arg: str | None = None):
                           aux=0.01, vision='siglip', three_stage=True, runlocal=False)
   args.update(dict(stage=a.stage, vision=a.vision, runlocal=a.runlocal))
   c = recipe.paper_recipe(args, llm=a.llm, template=TEMPLATES[a.llm])
+  if not a.runlocal:
+    c.data.max_length = 2048  # its scripts' model_max_length, every stage (Phi-2's whole context)
   c.model.moe.first_layer = 0  # even layers
   c.model.moe.capacity_factor = 1.5
   c.model.moe.eval_capacity_factor = 2.0

@@ -25,7 +25,7 @@ TOL = 1e-4
 V, D, F, E, LAYERS = 96, 32, 48, 4, 4
 IMAGE_TOKENS = 4  # CLIP 16 px / patch 8 = 4 patches; MoE-LLaVA drops the class token
 SMALL = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=LAYERS, num_attention_heads=4,
-             num_key_value_heads=4, max_position_embeddings=64)
+             num_key_value_heads=4, max_position_embeddings=256)
 
 
 def _perturb(module, scale=0.1):
@@ -36,13 +36,14 @@ def _perturb(module, scale=0.1):
   return module
 
 
-def _backbone(fam):
+def _backbone(fam, vocab=V):
+  small = {**SMALL, 'vocab_size': vocab}
   if fam == 'phi':
-    return PhiForCausalLM(PhiConfig(**SMALL, hidden_act='gelu_new', partial_rotary_factor=0.5))
+    return PhiForCausalLM(PhiConfig(**small, hidden_act='gelu_new', partial_rotary_factor=0.5))
   if fam == 'stablelm':
-    return StableLmForCausalLM(StableLmConfig(**SMALL, partial_rotary_factor=0.25, use_qkv_bias=True))
+    return StableLmForCausalLM(StableLmConfig(**small, partial_rotary_factor=0.25, use_qkv_bias=True))
   # Qwen v1's math; its files are written in Qwen v1's layout below. Its FFN width is config.intermediate_size / 2.
-  return Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=False))
+  return Qwen2ForCausalLM(Qwen2Config(**small, tie_word_embeddings=False))
 
 
 class DeepSpeedMoE(torch.nn.Module):
@@ -73,10 +74,10 @@ class DeepSpeedMoE(torch.nn.Module):
     return out.reshape(shape)
 
 
-def _moe_llava(fam, tmp_path, seed=0):
+def _moe_llava(fam, tmp_path, seed=0, vocab=V):
   """(the MoE-LLaVA folder, the vision folder, a reference torch forward(ids, mask, pixels, cf) -> logits)."""
   torch.manual_seed(seed)
-  llm = _perturb(_backbone(fam)).eval()
+  llm = _perturb(_backbone(fam, vocab)).eval()
   if fam == 'phi':
     with torch.no_grad():
       llm.lm_head.bias.zero_()  # MoE-LLaVA's Phi-2 head has no bias
@@ -133,14 +134,14 @@ def _moe_llava(fam, tmp_path, seed=0):
   src = str(tmp_path / f'moe-llava-{fam}')
   hf.write_folder(src, hf_cfg, tensors)
 
-  def forward(ids, mask, pixels, cf):
+  def forward(ids, mask, pixels, cf, image_id=V):
     for i in moe_layers:
       layers[i].mlp = DeepSpeedMoE(experts_of[i], gates_of[i], cf)
     with torch.no_grad():
       feats = tower(torch.tensor(pixels).permute(0, 3, 1, 2), output_hidden_states=True).hidden_states[-2][:, 1:]
       feats = projector(feats)
       ids_t = torch.tensor(ids)
-      is_image = ids_t == V  # our placeholder id: vocab_size
+      is_image = ids_t == image_id  # our placeholder id: vocab_size
       embeds = llm.model.embed_tokens(torch.where(is_image, 0, ids_t))
       for b in range(ids.shape[0]):
         rows = torch.nonzero(is_image[b])[:, 0]
@@ -236,6 +237,36 @@ def test_converted_moe_llava_equals_its_pytorch_forward(fam, tmp_path):
   assert flat1.keys() == flat2.keys()
   for p in flat1:
     np.testing.assert_array_equal(np.asarray(flat1[p].get_value()), np.asarray(flat2[p].get_value()), err_msg=str(p))
+
+
+def test_generator_on_a_converted_folder_answers_as_moe_llava(tmp_path):
+  """The text level (`Generator.from_folder`: the folder's moe_llava template, greedy, the image spliced in)
+  continues exactly as the PyTorch MoE-LLaVA model's greedy loop over the same prompt tokens."""
+  from test_generate import write_tokenizer
+  from moiie_jax.infer.generate import Generator, Prompt
+  src, vision_dir, reference, _ = _moe_llava('phi', tmp_path, vocab=300)
+  write_tokenizer(src)  # a 300-token tokenizer beside the weights, as a released folder has its own
+  with open(os.path.join(src, 'tokenizer_config.json'), 'w') as f:  # no BOS, as Phi-2's tokenizer
+    json.dump({'eos_token': '</s>', 'pad_token': '<pad>', 'add_bos_token': False}, f)
+  out = str(tmp_path / 'ours')
+  assert convert_cli.main(['--moe-llava', src, '--vision', vision_dir, '--out', out]) == 0
+  gen = Generator.from_folder(out, batch_size=2)
+  assert gen.template.name == 'moe_llava' and folder.read_meta(out)['pad_to_square'] is True
+  pixels = np.random.RandomState(5).standard_normal((16, 16, 3)).astype(np.float32)
+  prompt = Prompt('What is in the image?', image=pixels)
+  ids, _ = gen.encode(prompt)
+  text = gen.tokenizer.decode([int(i) for i in ids if i != gen.cfg.image_token_id], skip_special_tokens=False)
+  assert text.startswith('A chat between') and text.endswith('USER: \nWhat is in the image? ASSISTANT:')
+  assert int((ids == gen.cfg.image_token_id).sum()) == IMAGE_TOKENS
+  results = gen.generate_results([prompt, prompt], max_new_tokens=4)
+  assert results[0] == results[1]  # deterministic, batch-independent
+  seq = ids[None].astype(np.int64)
+  for _ in range(4):
+    seq = np.concatenate([seq, reference(seq, np.ones_like(seq), pixels[None], 2.0, image_id=300)[:, -1:].argmax(
+        -1)], axis=1)
+  want = seq[0, len(ids):]
+  stop = next((k for k, t in enumerate(want) if t in gen.eos_ids), len(want))
+  assert results[0].text == gen.tokenizer.decode([int(t) for t in want[:stop]], skip_special_tokens=True).strip()
 
 
 def _edit(src, tmp_path, name, config=None, drop=None):

@@ -50,14 +50,17 @@ def main(argv: list[str] | None = None) -> int:
   from moiie_jax.models.config import ConfigError
   compile_cache.enable()
   try:
-    notes, tower = [], None
+    notes, tower, notes_meta = [], None, {}
     if args.llava:
       cfg, state = sources.from_llava(args.llava)
       tokenizer_dir, source = args.llava, {'llava': args.llava}
     elif args.moe_llava:
       cfg, state, notes = sources.from_moe_llava(args.moe_llava, args.vision)
       tokenizer_dir, source = args.moe_llava, {'moe_llava': args.moe_llava}
-      tower = hf.read_config(args.moe_llava).get('mm_image_tower')
+      source_cfg = hf.read_config(args.moe_llava)
+      tower = source_cfg.get('mm_image_tower')
+      # Its images are padded to square with the processor mean (image_aspect_ratio 'pad', every released model).
+      notes_meta = {'pad_to_square': source_cfg.get('image_aspect_ratio', 'pad') == 'pad'}
     else:
       cfg, state = sources.from_llm_and_vision(args.llm, args.vision, image_token_id=args.image_token_id,
                                                vision_feature_layer=args.vision_feature_layer, seed=args.seed)
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     template = args.template or ('moe_llava' if args.moe_llava else sources.DEFAULT_TEMPLATES[cfg.llm.architecture])
     out = folder.save_folder(args.out, cfg, state, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite,
                              meta={'template': template, 'source': source, **({'notes': notes} if notes else {}),
-                                   **({'image_tower': tower} if tower else {})})
+                                   **({'image_tower': tower} if tower else {}), **notes_meta})
   except (ConvertError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -17,8 +17,8 @@ flattened batch (padding included), capacity max(ceil(2 * S / E * cf), min_capac
 choices, the kept weights renormalised after the drop, aux loss E * sum_e mean_gate_e * first_choice_fraction_e
 per layer, summed over layers. One difference, on purpose: the second choice is the plain argmax
 (`gate_noise='none'`), so training and evaluation are deterministic; MoE-LLaVA draws it with Gumbel noise, at
-evaluation too, so its scores vary run to run (its issue #60). `gate_noise='gumbel'` is not implemented yet and is
-refused. Generation and evaluation run at eval_capacity_factor 2.0 here as in MoE-LLaVA only when asked
+evaluation too, so its scores vary run to run (its issue #60). `noise=gumbel` (MoEConfig.gate_noise='gumbel',
+seeded by gate_noise_seed) reproduces DeepSpeed's draw, reproducibly for a seed. Generation and evaluation run at eval_capacity_factor 2.0 here as in MoE-LLaVA only when asked
 (`--capacity-factor 2.0` on `moiie_jax.generate` / `moiie_jax.evaluate`); by default they are dropless.
 """
 
@@ -31,7 +31,7 @@ TEMPLATES = {'phi2': 'moe_llava', 'stablelm2-1.6b': 'moe_llava', 'qwen-1.8b': 'm
 
 
 def get_config(arg: str | None = None):
-  a = recipe.parse_arg(arg, stage=3, llm='phi2', vision='clip', gate='deepspeed', runlocal=False)
+  a = recipe.parse_arg(arg, stage=3, llm='phi2', vision='clip', gate='deepspeed', noise='none', runlocal=False)
   if a.llm not in LLMS:
     raise ValueError(f'config arg llm={a.llm!r}: expected one of {list(LLMS)}')
   if a.gate not in ('deepspeed', 'mixtral'):
@@ -47,7 +47,10 @@ def get_config(arg: str | None = None):
   c.model.moe.eval_capacity_factor = 2.0
   c.model.moe.gate = a.gate
   c.model.moe.min_capacity = 0
-  c.model.moe.gate_noise = 'none'
+  if a.noise not in ('none', 'gumbel') or (a.noise == 'gumbel' and a.gate != 'deepspeed'):
+    raise ValueError(f'config arg noise={a.noise!r}: expected none, or gumbel with gate=deepspeed')
+  c.model.moe.gate_noise = a.noise
+  c.model.moe.gate_noise_seed = 0
   if a.gate == 'deepspeed':
     c.model.moe.aux_loss_scope = 'sum'  # DeepSpeed adds each layer's l_aux
   return c

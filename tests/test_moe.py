@@ -542,9 +542,6 @@ def test_deepspeed_gate_config():
     MoEConfig(variant='vanilla', n_vision=0, n_shared=4, n_language=0, top_k=1, gate='deepspeed').validate()
   with pytest.raises(ConfigError, match='gate_noise'):
     MoEConfig(variant='vanilla', n_vision=0, n_shared=4, n_language=0, gate_noise='gumbel').validate()
-  with pytest.raises(NotImplementedError, match='gumbel'):
-    MoEConfig(variant='vanilla', n_vision=0, n_shared=4, n_language=0, gate='deepspeed',
-              gate_noise='gumbel').validate()
   with pytest.raises(ConfigError, match='gate'):
     MoEConfig(gate='gshard').validate()
   # Dropless, the deepspeed gate routes padding as well: the oracle agrees.
@@ -554,3 +551,29 @@ def test_deepspeed_gate_config():
   y, _ = block(x, modality, valid, capacity_factor=0.0)
   np.testing.assert_allclose(y, moe_lib.moe_reference(block, x, modality, valid), atol=1e-5, rtol=1e-5)
   assert float(jnp.abs(y[1, -3:]).max()) > 0  # padding went through the experts
+
+
+def test_deepspeed_gumbel_second_choice_is_reproducible_and_follows_the_softmax():
+  kw = dict(variant='vanilla', n_vision=0, n_shared=4, n_language=0, gate='deepspeed')
+  plain, noisy = MoEConfig(**kw), MoEConfig(**kw, gate_noise='gumbel')
+  assert plain.gate_noise == 'none'  # off by default
+  # 4000 identical tokens: the first choice is always the argmax; by the Gumbel-max trick the second is drawn
+  # from the softmax over the other experts.
+  n, logits_row = 4000, np.array([2.0, 1.0, 0.5, -1.0], np.float32)
+  x = jnp.ones((n, 4), jnp.float32)
+  kernel = jnp.asarray(np.diag(logits_row))  # x @ kernel = logits_row for every token
+  vision = jnp.zeros(n, bool)
+  route = jax.jit(routing.route, static_argnums=(4,))
+  r = route(x, kernel, None, vision, noisy)
+  experts = np.asarray(r.experts)
+  assert (experts[:, 0] == 0).all() and (experts[:, 1] != 0).all()
+  p = np.exp(logits_row[1:]) / np.exp(logits_row[1:]).sum()
+  freq = np.bincount(experts[:, 1], minlength=4)[1:] / n
+  np.testing.assert_allclose(freq, p, atol=0.03)
+  # Reproducible under a seed; another seed or another batch draws differently; no noise is plain top-2.
+  np.testing.assert_array_equal(np.asarray(route(x, kernel, None, vision, noisy).experts), experts)
+  other_seed = route(x, kernel, None, vision, dataclasses.replace(noisy, gate_noise_seed=1)).experts
+  other_batch = route(x * 1.5, kernel / 1.5, None, vision, noisy).experts
+  assert (np.asarray(other_seed)[:, 1] != experts[:, 1]).any()
+  assert (np.asarray(other_batch)[:, 1] != experts[:, 1]).any()
+  assert (np.asarray(route(x, kernel, None, vision, plain).experts) == [0, 1]).all()

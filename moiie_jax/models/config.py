@@ -91,10 +91,12 @@ class MoEConfig:
   gate: str = 'mixtral'
   min_capacity: int = 0  # DeepSpeed's floor on the capacity per expert (MoE-LLaVA: 0)
   # Noise on the second choice of DeepSpeed's gate. 'none': argmax of the logits without the first (deterministic;
-  # our default, also at evaluation). 'gumbel': DeepSpeed's Gumbel-perturbed argmax, which it also applies at
-  # evaluation (so MoE-LLaVA's scores vary from run to run) -- not implemented yet (needs an RNG stream through
-  # the decoder); validate refuses it.
+  # our default, also at evaluation). 'gumbel': DeepSpeed's argmax of logits + Gumbel noise, which it applies at
+  # evaluation too (so MoE-LLaVA's scores vary from run to run). Our noise is keyed by fold_in(gate_noise_seed,
+  # a fingerprint of the layer's input): reproducible for a seed and a batch, different across batches and
+  # layers, with no RNG state to carry (a different backend may round the fingerprint differently).
   gate_noise: str = 'none'
+  gate_noise_seed: int = 0
   z_loss_coef: float = 0.0
   # 'all_image': every image token is routed as vision, padding is excluded from routing and loss (our default).
   # 'official': the official code's CogVLM rule: a token is vision when it and the next token are both image
@@ -133,9 +135,7 @@ class MoEConfig:
         raise ConfigError(f"{owner}.renormalize=False: gate='deepspeed' always renormalises the kept weights")
     elif self.gate_noise != 'none':
       raise ConfigError(f"{owner}.gate_noise={self.gate_noise!r}: noise is a choice of gate='deepspeed' only")
-    if self.gate_noise == 'gumbel':
-      raise NotImplementedError(f"{owner}.gate_noise='gumbel': DeepSpeed's noisy second choice is not implemented "
-                                f"yet (it needs an RNG stream through the decoder); use 'none'")
+
     for name in ('n_vision', 'n_language', 'n_shared'):
       if getattr(self, name) < 0:
         raise ConfigError(f'{owner}.{name}={getattr(self, name)}: expert counts must be >= 0')

@@ -106,7 +106,10 @@ def route(x: jax.Array, gate_kernel: jax.Array, gate_vis_kernel: jax.Array | Non
   lse = jax.nn.logsumexp(logits, axis=-1)
   # Top-k on logits, not probabilities: a far-behind allowed expert may underflow to probability 0 and tie with
   # the disallowed ones, while its logit stays above -inf.
-  _, experts = jax.lax.top_k(logits, moe.top_k)
+  if moe.gate == 'deepspeed' and moe.gate_noise == 'gumbel':
+    experts = _gumbel_top2(x, logits, moe.gate_noise_seed)
+  else:
+    _, experts = jax.lax.top_k(logits, moe.top_k)
   weights = jnp.take_along_axis(probs, experts, axis=-1)
   if moe.renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -124,6 +127,21 @@ def combine_weights(r: Routing, kept: jax.Array, moe: MoEConfig) -> jax.Array:
     return r.weights
   p = jnp.take_along_axis(r.probs, r.experts, axis=-1) * kept.astype(jnp.float32)
   return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), jnp.finfo(jnp.float32).eps)
+
+
+def _gumbel_top2(x: jax.Array, logits: jax.Array, seed: int) -> jax.Array:
+  """DeepSpeed's noisy top-2: the first choice is the argmax of the logits, the second the argmax of logits +
+  Gumbel noise with the first masked. int32[N, 2].
+
+  The noise key is fold_in(key(seed), the bits of sum(x)): the same batch and seed give the same draws, another
+  batch (or layer, whose input differs) other draws, and no RNG state has to be threaded through the model.
+  """
+  fingerprint = jax.lax.bitcast_convert_type(jnp.sum(x, dtype=jnp.float32), jnp.int32)
+  key = jax.random.fold_in(jax.random.key(seed), fingerprint)
+  first = jnp.argmax(logits, axis=-1)
+  noisy = logits + jax.random.gumbel(key, logits.shape, jnp.float32)
+  noisy = jnp.where(jax.nn.one_hot(first, logits.shape[-1], dtype=bool), -jnp.inf, noisy)
+  return jnp.stack([first, jnp.argmax(noisy, axis=-1)], axis=-1)
 
 
 def _ranks(experts: jax.Array, routed: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array]:

@@ -38,7 +38,8 @@ from moiie_jax.train import optimizer as optimizer_lib
 
 MOE_OVERRIDE_FIELDS = ('top_k', 'renormalize', 'capacity_factor', 'eval_capacity_factor', 'placement',
                        'first_layer', 'layers', 'aux_loss_coef', 'aux_loss_scope', 'z_loss_coef', 'modality_rule',
-                       'router_init_std', 'grouped_matmul', 'gate', 'min_capacity', 'gate_noise')
+                       'router_init_std', 'grouped_matmul', 'gate', 'min_capacity', 'gate_noise',
+                       'gate_noise_seed')
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

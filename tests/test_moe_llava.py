@@ -298,3 +298,31 @@ def test_bad_moe_llava_folders_give_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], (name, err)
     assert not os.path.exists(out), name
+
+
+def test_fine_tuning_starts_from_a_converted_moe_llava_folder(tmp_path):
+  """MoE-LLaVA's recipe (stage 3) initialised from one of its converted checkpoints: the same experts in the same
+  layers, its gate, the converted weights as they are; a recipe with other experts is refused in one line."""
+  from moiie_jax.train import loop, recipe
+  from moiie_jax.train import step as step_lib
+  src, vision_dir, _, _ = _moe_llava('phi', tmp_path)
+  out = str(tmp_path / 'ours')
+  assert convert_cli.main(['--moe-llava', src, '--vision', vision_dir, '--out', out]) == 0
+  c = recipe.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs',
+                               'moe_llava.py:stage=3,runlocal=True'))
+  c.init.checkpoint = out
+  c.model.moe.capacity_factor = 1.0  # routing fields are the recipe's to choose
+  cfg, model, _ = loop.build_model(c)
+  assert (cfg.llm.architecture, cfg.llm.moe.gate, cfg.llm.moe.capacity_factor) == ('phi', 'deepspeed', 1.0)
+  _, converted, _ = folder.load_folder(out)
+  for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                            nnx.to_flat_state(nnx.state(converted, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+  ids, mask, pixels = _batch()
+  batch = dict(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), pixel_values=jnp.asarray(pixels),
+               labels=jnp.asarray(np.where(mask > 0, ids % V, -100)))
+  loss, metrics = nnx.jit(lambda m, b: step_lib.loss_fn(m, b, cfg))(model, batch)
+  assert np.isfinite(float(loss)) and float(metrics['aux_loss']) > 0.5  # GShard's loss: 1.0 per layer if uniform
+  c.model.experts = 8
+  with pytest.raises(ValueError, match='n_shared=4'):
+    loop.build_model(c)

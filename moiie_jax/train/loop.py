@@ -32,7 +32,7 @@ from moiie_jax.convert import hf as hf_lib
 from moiie_jax.convert import upcycle as upcycle_lib
 from moiie_jax.data import pipeline
 from moiie_jax.models import config as config_lib
-from moiie_jax.models.config import ConfigError, LVLMConfig
+from moiie_jax.models.config import ConfigError, LLMConfig, LVLMConfig
 from moiie_jax.models.lvlm import LVLM
 from moiie_jax.parallel import mesh as mesh_lib
 from moiie_jax.train.step import ShardedTrainStep, make_sharded_train_step
@@ -78,9 +78,8 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[LVLMConfig, LVLM, di
   cfg = recipe.model_config(config, base=source_cfg)
   flat = {path: np.asarray(value) for path, value in hf_lib.flat_abstract(source_model).items()}
   if cfg.llm != source_cfg.llm:
-    if source_cfg.llm.moe.is_moe and source_cfg.llm.moe != cfg.llm.moe:
-      raise ValueError(f'{config.init.checkpoint}: holds a {source_cfg.llm.moe.variant} MoE model; the recipe asks '
-                       f'for {cfg.llm.moe}. Only a dense checkpoint can be upcycled.')
+    if source_cfg.llm.moe.is_moe:
+      _check_same_experts(config.init.checkpoint, source_cfg.llm, cfg.llm)
     if not source_cfg.llm.moe.is_moe and cfg.llm.moe.is_moe:
       flat = upcycle_lvlm(flat, cfg, jax.random.key(config.seed), source_scan_layers=source_cfg.llm.scan_layers)
     elif source_cfg.llm.scan_layers != cfg.llm.scan_layers:
@@ -89,6 +88,19 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[LVLMConfig, LVLM, di
   abstract = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0)))
   nnx.update(abstract, hf_lib.build_state(abstract, flat, config.init.checkpoint))
   return cfg, abstract, meta
+
+
+def _check_same_experts(where: str, source: LLMConfig, target: LLMConfig) -> None:
+  """An MoE checkpoint continues training only as the same experts in the same layers; how tokens are routed
+  (gate, capacity, aux loss, noise) is the recipe's to choose. Raises ValueError naming the first difference."""
+  a, b = source.moe, target.moe
+  for field in ('variant', 'n_vision', 'n_shared', 'n_language'):
+    if getattr(a, field) != getattr(b, field):
+      raise ValueError(f'{where}: holds a {a.variant} MoE model with moe.{field}={getattr(a, field)!r}; the recipe '
+                       f'asks for {getattr(b, field)!r}. Only a dense checkpoint can be upcycled.')
+  if source.moe_layers != target.moe_layers:
+    raise ValueError(f'{where}: its MoE layers are {list(source.moe_layers)}; the recipe places them at '
+                     f'{list(target.moe_layers)}. Only a dense checkpoint can be upcycled.')
 
 
 def model_config(config: ml_collections.ConfigDict) -> LVLMConfig:

@@ -239,10 +239,20 @@ def test_sharded_train_step_equals_single_device(name, capacity, optimizer):
 
 
 # ================================================================================================ sharding table
-def test_sharding_table_covers_every_parameter_and_agrees_with_the_model():
+FAMILIES = {  # LLMConfig fields of each decoder family the table must cover (moiie-8 is Phi-2 already)
+    'llama': ('moiie-4', {}), 'phi': ('moiie-8', {}),
+    'stablelm': ('moiie-4', dict(architecture='stablelm', use_qkv_bias=True, partial_rotary_factor=0.25)),
+    'qwen2': ('moiie-4', dict(architecture='qwen2')),
+}
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_sharding_table_covers_every_parameter_and_agrees_with_the_model(family):
+  layout, fields = FAMILIES[family]
   for scan in (False, True):
-    cfg = lvlm_cfg('moiie-4')
-    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, scan_layers=scan))
+    cfg = lvlm_cfg(layout)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, scan_layers=scan, **fields))
+    assert cfg.llm.architecture == family
     abstract = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0)))
     params = nnx.state(abstract, nnx.Param)
     checked = 0

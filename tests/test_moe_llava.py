@@ -326,3 +326,21 @@ def test_fine_tuning_starts_from_a_converted_moe_llava_folder(tmp_path):
   c.model.experts = 8
   with pytest.raises(ValueError, match='n_shared=4'):
     loop.build_model(c)
+
+
+def test_siglip_models_see_728_image_tokens():
+  """MoE-LLaVA's -384 models: [:, 1:] drops SigLIP's first patch (it has no class token), 728 of 729 tokens."""
+  from moiie_jax.convert import moe_llava
+  from moiie_jax.models import presets
+  from moiie_jax.models.vision import VisionTower
+  hf_cfg = {**PhiConfig(**SMALL, hidden_act='gelu_new').to_dict(), 'model_type': 'moe_llava_phi',
+            'mm_image_tower': 'google/siglip-so400m-patch14-384', 'moe': dict(
+                moe_enable=True, moe_layers_idx=[0, 2], top_k_experts=2, num_experts=[4, 4])}
+  cfg = moe_llava.lvlm_config(hf_cfg, None, 'config.json')
+  assert (cfg.vision.architecture, cfg.vision_feature_select_strategy, cfg.num_image_tokens) == (
+      'siglip', 'drop_first', 728)
+  tower = VisionTower(presets.VISION_PRESETS['tiny-siglip'], rngs=nnx.Rngs(0))
+  pixels = jnp.asarray(np.random.RandomState(0).standard_normal((1, 32, 32, 3)), jnp.float32)
+  full, dropped = tower.features(pixels, -2, 'full'), tower.features(pixels, -2, 'drop_first')
+  assert dropped.shape[1] == full.shape[1] - 1 == 15
+  np.testing.assert_array_equal(np.asarray(dropped), np.asarray(full[:, 1:]))

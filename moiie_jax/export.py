@@ -1,19 +1,37 @@
 """Export a moiie_jax checkpoint folder to another system's format.
 
-    python -m moiie_jax.export --checkpoint DIR --format moe-llava --out OUT [--image-tower NAME]
+    python -m moiie_jax.export --checkpoint DIR --format FORMAT --out OUT
 
-moe-llava: a folder MoE-LLaVA's PyTorch code loads (config.json with its model_type, `mm_*` fields and `moe` block,
-model.safetensors with its key names, the tokenizer files), from a vanilla-MoE or dense Phi-2 / StableLM
-checkpoint of ours (e.g. one converted from MoE-LLaVA and fine-tuned here). Written atomically; on bad input one
-line names the problem, the exit code is 2 and nothing is written.
+Formats:
+  llava-hf   a LlavaForConditionalGeneration folder (config, sharded safetensors, tokenizer files, a
+             generation_config.json that never samples the image placeholder) that transformers loads and runs
+             with our logits; dense checkpoints.
+  hf-llm     the language model alone as its HF ...ForCausalLM (LLaMA, Phi-3, Phi-2, StableLM, Qwen2); dense.
+  moe-llava  a folder MoE-LLaVA's PyTorch code loads (its model_type, `mm_*` fields and `moe` block, its key names),
+             from a vanilla-MoE or dense Phi-2 / StableLM checkpoint (e.g. one converted from MoE-LLaVA and
+             fine-tuned here).
+Written atomically; on bad input one line names the problem, the exit code is 2 and nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
-FORMATS = ('moe-llava',)
+FORMATS = ('llava-hf', 'hf-llm', 'moe-llava')
+
+
+def _generation_config(checkpoint: str, suppress: list[int]) -> dict:
+  path = os.path.join(checkpoint, 'generation_config.json')
+  out = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      out = json.load(f)
+  if suppress:
+    out['suppress_tokens'] = sorted(set(out.get('suppress_tokens') or []) | set(suppress))
+  return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,19 +39,28 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--checkpoint', required=True, help='a moiie_jax checkpoint folder (python -m moiie_jax.convert)')
   p.add_argument('--format', required=True, choices=FORMATS)
   p.add_argument('--out', required=True, help='output folder')
-  p.add_argument('--image-tower', default='', help="the tower's Hub name recorded as mm_image_tower (e.g. "
-                                                   "openai/clip-vit-large-patch14-336); default: the source's")
+  p.add_argument('--image-tower', default='', help="moe-llava: the tower's Hub name recorded as mm_image_tower "
+                                                   "(e.g. openai/clip-vit-large-patch14-336); default: the source's")
+  p.add_argument('--max-shard-gb', type=float, default=5.0, help='safetensors shard size (save_pretrained: 5)')
   p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out folder')
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moiie_jax.convert import folder, hf, moe_llava  # pylint: disable=import-outside-toplevel
+  from moiie_jax.convert import folder, hf, moe_llava, sources  # pylint: disable=import-outside-toplevel
   from moiie_jax.convert.errors import ConvertError  # pylint: disable=import-outside-toplevel
   from moiie_jax.models.config import ConfigError  # pylint: disable=import-outside-toplevel
   try:
     cfg, model, meta = folder.load_folder(args.checkpoint)
-    tower = args.image_tower or meta.get('image_tower', '')
-    hf_cfg, tensors = moe_llava.to_moe_llava(cfg, dict(nnx.to_flat_state(nnx.state(model, nnx.Param))), tower)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    extra = {}
+    if args.format == 'moe-llava':
+      hf_cfg, tensors = moe_llava.to_moe_llava(cfg, flat, args.image_tower or meta.get('image_tower', ''))
+    elif args.format == 'hf-llm':
+      hf_cfg, tensors = sources.to_hf_llm(cfg, flat)
+    else:
+      hf_cfg, tensors, suppress = sources.to_llava(cfg, flat)
+      extra['generation_config.json'] = _generation_config(args.checkpoint, suppress)
     out = hf.write_folder(args.out, hf_cfg, tensors, copy_from=args.checkpoint, files=folder.TOKENIZER_FILES,
+                          extra_json=extra, max_shard_bytes=int(args.max_shard_gb * 2 ** 30),
                           overwrite=args.overwrite)
   except (ConvertError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)

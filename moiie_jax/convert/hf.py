@@ -171,15 +171,46 @@ def copy_files(src_dir: str | None, names: Iterable[str], dst_dir: str) -> list[
   return copied
 
 
+def write_shards(folder: str, tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[str]:
+  """model.safetensors, or model-0000i-of-0000n.safetensors shards of at most max_shard_bytes each (a larger
+  tensor gets a shard of its own) plus model.safetensors.index.json, as save_pretrained writes them."""
+  shards: list[list[str]] = [[]]
+  size = 0
+  for name in sorted(tensors):
+    nbytes = np.asarray(tensors[name]).nbytes
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += nbytes
+  if len(shards) == 1:
+    write_safetensors(os.path.join(folder, 'model.safetensors'), tensors)
+    return ['model.safetensors']
+  files = [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+  weight_map = {}
+  for file, names in zip(files, shards):
+    write_safetensors(os.path.join(folder, file), {n: tensors[n] for n in names})
+    weight_map.update({n: file for n in names})
+  total = sum(np.asarray(t).nbytes for t in tensors.values())
+  with open(os.path.join(folder, 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2, sort_keys=True)
+  return files
+
+
 def write_folder(out_dir: str, hf_config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
-                 copy_from: str | None = None, files: Iterable[str] = (), overwrite: bool = False) -> str:
-  """An HF-style folder (config.json, model.safetensors and `files` copied from `copy_from`), written atomically
-  (`atomic_folder`). Returns its absolute path."""
+                 copy_from: str | None = None, files: Iterable[str] = (), extra_json: Mapping[str, Any] | None = None,
+                 max_shard_bytes: int = 5 * 2 ** 30, overwrite: bool = False) -> str:
+  """An HF-style folder written atomically (`atomic_folder`): config.json, the tensors as safetensors (sharded
+  above max_shard_bytes), `files` copied from `copy_from`, then `extra_json` {file name: JSON value} (which
+  replaces a copied file of that name). Returns its absolute path."""
   with atomic_folder(out_dir, overwrite) as tmp:
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(dict(hf_config), f, indent=2, sort_keys=True)
-    write_safetensors(os.path.join(tmp, 'model.safetensors'), tensors)
+    write_shards(tmp, tensors, max_shard_bytes)
     copy_files(copy_from, files, tmp)
+    for name, value in (extra_json or {}).items():
+      with open(os.path.join(tmp, name), 'w') as f:
+        json.dump(value, f, indent=2, sort_keys=True)
   return os.path.abspath(out_dir)
 
 

@@ -1,4 +1,4 @@
-"""Whole-model conversion from the Hugging Face sources users have.
+"""Whole-model conversion from the Hugging Face sources users have, and back to Hugging Face's own classes.
 
 (a) A separate LLM folder (LlamaForCausalLM, Phi3ForCausalLM) plus a separate vision folder (SiglipVisionModel,
     SiglipModel, CLIPVisionModel, CLIPModel) with a freshly initialised connector: how the paper builds its model.
@@ -22,8 +22,9 @@ from flax import nnx
 from moiie_jax.convert import hf
 from moiie_jax.convert import moe_llava
 from moiie_jax.convert.errors import ConvertError
-from moiie_jax.convert.llm_keys import llm_params_from_hf
-from moiie_jax.convert.vision_keys import connector_params_from_hf, vision_params_from_hf
+from moiie_jax.convert.llm_keys import llm_params_from_hf, llm_params_to_hf
+from moiie_jax.convert.vision_keys import (connector_params_from_hf, connector_params_to_hf, vision_params_from_hf,
+                                           vision_params_to_hf)
 from moiie_jax.models import config as config_lib
 from moiie_jax.models.connector import MultiModalProjector
 from moiie_jax.models.lvlm import LVLM
@@ -119,6 +120,71 @@ def from_moe_llava(folder: str, vision_dir: str | None = None) -> tuple[config_l
   """Source (c): a MoE-LLaVA folder (`convert.moe_llava`); returns the notes of what was filled in or resized."""
   cfg, flat, notes = moe_llava.read_folder(folder, vision_dir)
   return cfg, hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, folder), notes
+
+
+# ------------------------------------------------------------------------------------------------ to HF
+# What can hold an MoE checkpoint, named in the error a dense-only format gives.
+MOE_FORMATS = 'moe-llava (vanilla MoE, Phi-2 or StableLM); or keep the moiie_jax folder'
+
+
+def _plain(flat) -> dict:
+  return {tuple(p): np.asarray(v.get_value() if hasattr(v, 'get_value') else v) for p, v in flat.items()}
+
+
+def _looped_llm(cfg: config_lib.LVLMConfig, flat: dict, fmt: str) -> tuple[config_lib.LLMConfig, dict]:
+  """(a looped dense LLMConfig, the LLM's flat params in its layout) for an export to `fmt`."""
+  llm = cfg.llm
+  if llm.moe.is_moe:
+    raise ConvertError(f'export to {fmt}: the checkpoint is a {llm.moe.variant} MoE model and {fmt} has no expert '
+                       f'layers; formats that hold it: {MOE_FORMATS}')
+  lm = {p[1:]: v for p, v in flat.items() if p[0] == 'language_model'}
+  if llm.scan_layers:
+    from moiie_jax.convert import upcycle  # pylint: disable=import-outside-toplevel
+    looped = dataclasses.replace(llm, scan_layers=False)
+    lm, llm = upcycle.relayout(lm, llm, looped), looped
+  return llm, lm
+
+
+def to_hf_llm(cfg: config_lib.LVLMConfig, flat) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(config.json dict, tensors) of the language model alone as its HF ...ForCausalLM (format hf-llm)."""
+  llm, lm = _looped_llm(cfg, _plain(flat), 'hf-llm')
+  return config_lib.llm_to_hf(llm), llm_params_to_hf(lm, llm)
+
+
+def to_llava(cfg: config_lib.LVLMConfig, flat) -> tuple[dict[str, Any], dict[str, np.ndarray], list[int]]:
+  """(config.json dict, tensors, token ids generation must never pick) of a LlavaForConditionalGeneration folder
+  (format llava-hf; the file layout `save_pretrained` writes).
+
+  HF looks the image placeholder up in the embedding table before replacing it, so our out-of-vocabulary
+  placeholder (id = vocab_size) gets a zero embedding row and a zero lm_head row; that id is returned for the
+  generation config's `suppress_tokens`. HF's LLaVA head has no bias: a nonzero Phi-2 lm_head bias is refused.
+  """
+  flat = _plain(flat)
+  llm, lm = _looped_llm(cfg, flat, 'llava-hf')
+  suppress = []
+  image_id = cfg.image_token_id
+  if image_id >= llm.vocab_size:
+    if image_id != llm.vocab_size:
+      raise ConvertError(f'export to llava-hf: image_token_id={image_id} lies beyond vocab_size={llm.vocab_size} + 1')
+    pad = lambda a, axis: np.concatenate([a, np.zeros_like(np.take(a, [0], axis=axis))], axis=axis)
+    lm[('model', 'embed_tokens', 'embedding')] = pad(lm[('model', 'embed_tokens', 'embedding')], 0)
+    if not llm.tie_word_embeddings:
+      lm[('lm_head', 'kernel')] = pad(lm[('lm_head', 'kernel')], 1)
+      if llm.lm_head_bias:
+        lm[('lm_head', 'bias')] = pad(lm[('lm_head', 'bias')], 0)
+    llm = dataclasses.replace(llm, vocab_size=llm.vocab_size + 1)
+    suppress.append(image_id)
+  tensors = llm_params_to_hf(lm, llm, decoder_prefix='language_model.model.',
+                             lm_head_key='language_model.lm_head.weight')
+  bias = tensors.pop('language_model.lm_head.bias', None)
+  if bias is not None and np.any(bias != 0):
+    raise ConvertError('export to llava-hf: the lm_head has a nonzero bias, which LlavaForConditionalGeneration '
+                       'cannot hold; use --format hf-llm for the language model')
+  tensors.update(vision_params_to_hf({p[1:]: v for p, v in flat.items() if p[0] == 'vision_tower'}, cfg.vision,
+                                     prefix='vision_tower.'))  # as transformers 5 saves it
+  tensors.update(connector_params_to_hf({p[1:]: v for p, v in flat.items() if p[0] == 'multi_modal_projector'}))
+  hf_cfg = config_lib.lvlm_to_hf_llava(dataclasses.replace(cfg, llm=llm), image_id)
+  return hf_cfg, tensors, suppress
 
 
 def cast_state(state: nnx.State, dtype: str) -> nnx.State:

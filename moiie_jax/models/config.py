@@ -557,6 +557,74 @@ def lvlm_from_hf_llava(hf: Mapping[str, Any], **llm_overrides: Any) -> LVLMConfi
   return cfg
 
 
+# --------------------------------------------------------------------------------------------------- to HF
+_HF_LLM = {'llama': ('LlamaForCausalLM', 'llama'), 'phi3': ('Phi3ForCausalLM', 'phi3'), 'phi': ('PhiForCausalLM', 'phi'),
+           'stablelm': ('StableLmForCausalLM', 'stablelm'), 'qwen2': ('Qwen2ForCausalLM', 'qwen2')}
+
+
+def llm_to_hf(cfg: LLMConfig) -> dict[str, Any]:
+  """The HF config dict of a dense LLMConfig (`llm_from_hf` reads it back to the same model fields)."""
+  if cfg.moe.is_moe:
+    raise ConfigError(f'LLMConfig.moe.variant={cfg.moe.variant!r}: a Hugging Face {_HF_LLM[cfg.architecture][0]} '
+                      f'has no expert layers')
+  arch, model_type = _HF_LLM[cfg.architecture]
+  rope = {'rope_type': 'default', **(cfg.rope_scaling_dict or {}), 'rope_theta': cfg.rope_theta}
+  if cfg.partial_rotary_factor != 1.0:
+    rope['partial_rotary_factor'] = cfg.partial_rotary_factor
+  out = dict(architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+             intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+             num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+             hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
+             rope_theta=cfg.rope_theta, rope_parameters=rope, partial_rotary_factor=cfg.partial_rotary_factor,
+             tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.initializer_range,
+             pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
+             eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id)
+  if cfg.head_dim is not None:
+    out['head_dim'] = cfg.head_dim
+  if cfg.rope_scaling is not None:
+    out['rope_scaling'] = cfg.rope_scaling_dict
+  if cfg.original_max_position_embeddings is not None:
+    out['original_max_position_embeddings'] = cfg.original_max_position_embeddings
+  if cfg.norm_kind == 'layer':
+    out['layer_norm_eps'] = cfg.layer_norm_eps
+  else:
+    out['rms_norm_eps'] = cfg.rms_norm_eps
+  if cfg.architecture == 'llama':
+    out.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+  if cfg.architecture == 'stablelm':
+    out.update(use_qkv_bias=cfg.use_qkv_bias, use_parallel_residual=cfg.use_parallel_residual, qk_layernorm=False)
+  if cfg.architecture == 'phi':
+    out['qk_layernorm'] = False
+  if cfg.architecture in ('phi3', 'qwen2'):
+    out['sliding_window'] = cfg.sliding_window
+  if cfg.architecture == 'qwen2':
+    out['use_sliding_window'] = False
+  return out
+
+
+def vision_to_hf(cfg: VisionConfig) -> dict[str, Any]:
+  """The HF SiglipVisionConfig / CLIPVisionConfig dict of a VisionConfig."""
+  return dict(model_type=f'{cfg.architecture}_vision_model', hidden_size=cfg.hidden_size,
+              intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+              num_attention_heads=cfg.num_attention_heads, num_channels=cfg.num_channels, image_size=cfg.image_size,
+              patch_size=cfg.patch_size, hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps)
+
+
+def lvlm_to_hf_llava(cfg: LVLMConfig, image_token_id: int) -> dict[str, Any]:
+  """The HF LlavaConfig dict of a dense LVLMConfig, with `image_token_id` inside the text vocabulary (HF looks the
+  placeholder up in the embedding table before replacing it)."""
+  # HF's 'default' always drops the first feature, 'full' keeps them all.
+  drops_first = cfg.vision_feature_select_strategy == 'drop_first' or (
+      cfg.vision_feature_select_strategy == 'default' and cfg.vision.has_class_token)
+  text = llm_to_hf(cfg.llm)
+  return dict(architectures=['LlavaForConditionalGeneration'], model_type='llava', text_config=text,
+              vision_config=vision_to_hf(cfg.vision), image_token_index=image_token_id,
+              image_seq_length=cfg.num_image_tokens, vision_feature_layer=cfg.vision_feature_layer,
+              vision_feature_select_strategy='default' if drops_first else 'full',
+              projector_hidden_act=cfg.projector_hidden_act, multimodal_projector_bias=cfg.multimodal_projector_bias,
+              tie_word_embeddings=cfg.llm.tie_word_embeddings)
+
+
 def ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 

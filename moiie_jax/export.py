@@ -3,9 +3,10 @@
     python -m moiie_jax.export --checkpoint DIR --format FORMAT --out OUT
 
 Formats:
-  llava-hf   a LlavaForConditionalGeneration folder (config, sharded safetensors, tokenizer files, a
-             generation_config.json that never samples the image placeholder) that transformers loads and runs
-             with our logits; dense checkpoints.
+  llava-hf   a LlavaForConditionalGeneration folder (config, sharded safetensors, tokenizer files, the image
+             processor's preprocessor_config.json, a generation_config.json that never samples the image
+             placeholder) that transformers loads and runs with our logits; dense checkpoints. Not written: a
+             processor_config.json and an `<image>` token in the tokenizer (LlavaProcessor needs both).
   hf-llm     the language model alone as its HF ...ForCausalLM (LLaMA, Phi-3, Phi-2, StableLM, Qwen2); dense.
   moe-llava  a folder MoE-LLaVA's PyTorch code loads (its model_type, `mm_*` fields and `moe` block, its key names),
              from a vanilla-MoE or dense Phi-2 / StableLM checkpoint (e.g. one converted from MoE-LLaVA and
@@ -34,6 +35,18 @@ def _generation_config(checkpoint: str, suppress: list[int]) -> dict:
   return out
 
 
+def _preprocessor_config(cfg) -> dict:
+  """The HF image processor that preprocesses as our tower's recipe does (moiie_jax.data.images)."""
+  from moiie_jax.data import images  # pylint: disable=import-outside-toplevel
+  ic = images.config_for_tower(cfg.vision.architecture, cfg.vision.image_size)
+  common = dict(do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                image_mean=list(ic.mean), image_std=list(ic.std), do_convert_rgb=True)
+  if ic.resize == 'squash':
+    return dict(image_processor_type='SiglipImageProcessor', size=dict(height=ic.height, width=ic.width), **common)
+  return dict(image_processor_type='CLIPImageProcessor', size=dict(shortest_edge=ic.height), do_center_crop=True,
+              crop_size=dict(height=ic.height, width=ic.width), **common)
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog='python -m moiie_jax.export', description=__doc__.split('\n')[0])
   p.add_argument('--checkpoint', required=True, help='a moiie_jax checkpoint folder (python -m moiie_jax.convert)')
@@ -59,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       hf_cfg, tensors, suppress = sources.to_llava(cfg, flat)
       extra['generation_config.json'] = _generation_config(args.checkpoint, suppress)
+      extra['preprocessor_config.json'] = _preprocessor_config(cfg)
     out = hf.write_folder(args.out, hf_cfg, tensors, copy_from=args.checkpoint, files=folder.TOKENIZER_FILES,
                           extra_json=extra, max_shard_bytes=int(args.max_shard_gb * 2 ** 30),
                           overwrite=args.overwrite)

@@ -78,6 +78,14 @@ def test_llava_hf_export_runs_in_transformers_with_our_logits(tmp_path):
   np.testing.assert_array_equal(np.asarray(ours_tokens)[0], hf_tokens)
   with open(os.path.join(out, 'generation_config.json')) as f:
     assert json.load(f)['suppress_tokens'] == [V]
+  # The image processor preprocesses as ours does.
+  from PIL import Image
+  from moiie_jax.data import images
+  processor = transformers.AutoImageProcessor.from_pretrained(out)
+  image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (20, 28, 3), dtype=np.uint8))
+  hf_pixels = processor(image, return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
+  ours_pixels = images.preprocess(image, images.config_for_tower('siglip', 16))
+  assert np.abs(hf_pixels - ours_pixels).max() <= 1e-5
 
 
 def test_llava_folder_round_trips_and_the_llm_exports_alone(tmp_path):

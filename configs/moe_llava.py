@@ -18,7 +18,8 @@ choices, the kept weights renormalised after the drop, aux loss E * sum_e mean_g
 per layer, summed over layers. One difference, on purpose: the second choice is the plain argmax
 (`gate_noise='none'`), so training and evaluation are deterministic; MoE-LLaVA draws it with Gumbel noise, at
 evaluation too, so its scores vary run to run (its issue #60). `noise=gumbel` (MoEConfig.gate_noise='gumbel',
-seeded by gate_noise_seed) reproduces DeepSpeed's draw, reproducibly for a seed. Generation and evaluation run at eval_capacity_factor 2.0 here as in MoE-LLaVA only when asked
+seeded by gate_noise_seed) reproduces DeepSpeed's draw, reproducibly for a seed. Generation and evaluation run at
+eval_capacity_factor 2.0 here as in MoE-LLaVA only when asked
 (`--capacity-factor 2.0` on `moiie_jax.generate` / `moiie_jax.evaluate`); by default they are dropless.
 """
 

@@ -1,4 +1,5 @@
-"""Hugging Face LLaMA / Phi-3 / Phi-2 / StableLM / Qwen2 tensors <-> the flat parameter paths of `moiie_jax.models.decoder.CausalLM`.
+"""Hugging Face LLaMA / Phi-3 / Phi-2 / StableLM / Qwen2 tensors <-> the flat parameter paths of
+`moiie_jax.models.decoder.CausalLM`.
 
 Pure functions: renames, transposes ([out, in] torch weights -> [in, out] kernels) and, for cfg.scan_layers,
 stacking layers on the leading axis `decoder.layer_location` names. No RoPE permutation (we keep HF's rotate_half

@@ -93,8 +93,8 @@ TEMPLATES = {
 
 
 def get_template(name: str, **overrides: Any) -> ChatTemplate:
-  """A template by name (phi3 | llama3 | moe_llava | plain | demo); `overrides` replace fields, e.g. sep2='\\n' for Bunny's
-  original plain captions."""
+  """A template by name (phi3 | llama3 | moe_llava | plain | demo); `overrides` replace fields, e.g. sep2='\\n'
+  for Bunny's original plain captions."""
   if name not in TEMPLATES:
     raise ValueError(f'chat template {name!r}: expected one of {sorted(TEMPLATES)}')
   return dataclasses.replace(TEMPLATES[name], **overrides) if overrides else TEMPLATES[name]

@@ -558,8 +558,9 @@ def lvlm_from_hf_llava(hf: Mapping[str, Any], **llm_overrides: Any) -> LVLMConfi
 
 
 # --------------------------------------------------------------------------------------------------- to HF
-_HF_LLM = {'llama': ('LlamaForCausalLM', 'llama'), 'phi3': ('Phi3ForCausalLM', 'phi3'), 'phi': ('PhiForCausalLM', 'phi'),
-           'stablelm': ('StableLmForCausalLM', 'stablelm'), 'qwen2': ('Qwen2ForCausalLM', 'qwen2')}
+_HF_LLM = {'llama': ('LlamaForCausalLM', 'llama'), 'phi3': ('Phi3ForCausalLM', 'phi3'),
+           'phi': ('PhiForCausalLM', 'phi'), 'stablelm': ('StableLmForCausalLM', 'stablelm'),
+           'qwen2': ('Qwen2ForCausalLM', 'qwen2')}
 
 
 def llm_to_hf(cfg: LLMConfig) -> dict[str, Any]:

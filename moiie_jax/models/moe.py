@@ -185,8 +185,9 @@ class MoEBlock(nnx.Module):
   """A decoder FFN replaced by experts and one or two routers (official MoIIE names `gate`, `gate_vis`).
 
   Parameters: `experts.{gate_proj,up_proj,down_proj}.kernel` [E, D, F] / [E, F, D] (Phi-3: `gate_up_proj` [E, D, 2F];
-  Phi-2: `fc1` [E, D, F], `fc2` [E, F, D]), optional `.bias` [E, F] / [E, D]; `gate.kernel` float [D, E_gate] (textual router, or vanilla's only router) and, unless vanilla,
-  `gate_vis.kernel` [D, E_vis]; experts ordered [vision..., shared..., language...].
+  Phi-2: `fc1` [E, D, F], `fc2` [E, F, D]), optional `.bias` [E, F] / [E, D]; `gate.kernel` float [D, E_gate]
+  (textual router, or vanilla's only router) and, unless vanilla, `gate_vis.kernel` [D, E_vis]; experts ordered
+  [vision..., shared..., language...].
 
   Capacity: one buffer of C rows per expert, C = ceil(capacity_factor * N * K / E) with N = B*T positions (static,
   padding included) and E all experts of the layer. Every routed position places K choices among the E experts,

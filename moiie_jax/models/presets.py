@@ -64,8 +64,8 @@ LLM_PRESETS: dict[str, LLMConfig] = {
         num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=1024),
 }
 # The tiny stand-in of each full-size decoder (a recipe's runlocal form).
-TINY_LLM = {'phi3-mini': 'tiny-phi3', 'llama3-8b': 'tiny-llama', 'phi2': 'tiny-phi2', 'stablelm2-1.6b': 'tiny-stablelm2',
-            'qwen-1.8b': 'tiny-qwen'}
+TINY_LLM = {'phi3-mini': 'tiny-phi3', 'llama3-8b': 'tiny-llama', 'phi2': 'tiny-phi2',
+            'stablelm2-1.6b': 'tiny-stablelm2', 'qwen-1.8b': 'tiny-qwen'}
 
 VISION_PRESETS: dict[str, VisionConfig] = {
     'siglip-so400m-384': VisionConfig(

@@ -36,7 +36,8 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r'experts\.(down_proj|fc2)\.kernel', ('expert', 'mlp', 'embed')),
     (r'experts\.(down_proj|fc2)\.bias', ('expert', 'embed')),
     (r'(gate|gate_vis)\.kernel', ('embed', None)),
-    # Dense FFNs: decoder MLPs (SwiGLU; Phi-2's fc1, fc2), the SigLIP/CLIP MLP (fc1, fc2) and the connector (linear_1, 2).
+    # Dense FFNs: decoder MLPs (SwiGLU; Phi-2's fc1, fc2), the SigLIP/CLIP MLP (fc1, fc2), the connector (linear_1,
+    # linear_2).
     (r'(mlp\.(gate_proj|up_proj|fc1)|multi_modal_projector\.linear_1)\.kernel', ('embed', 'mlp')),
     (r'(mlp\.(gate_proj|up_proj|fc1)|multi_modal_projector\.linear_1)\.bias', ('mlp',)),
     (r'mlp\.gate_up_proj\.kernel', ('embed', 'gate_up')),

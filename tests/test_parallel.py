@@ -339,3 +339,24 @@ def test_dense_fsdp_step_all_reduces_no_more_than_its_gradients():
   moved = hlo_stats.analyze(text).collective_bytes.get('all-reduce', 0.0)
   gradients = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t.params))  # f32, whole
   assert 0 < moved <= 2 * gradients, (moved, gradients)
+
+
+def test_remat_does_not_repeat_the_expert_exchange():
+  """With layers recomputed in the backward pass (remat 'full'), what the all-to-alls received is kept
+  (partitioning.EXCHANGED), so the step runs as many all-to-alls as without remat: 2 there and back, forward and
+  backward, not 2 more for the recomputation. Same loss."""
+  import re
+  cfg, _, params = model_setup('moiie-4', TIGHT)
+  mesh = mesh_lib.make_mesh({'data': 2, 'expert': 4})
+  batch = make_batch(0)
+  counts, losses = {}, {}
+  for remat in (False, True):
+    c = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, remat=remat, remat_policy='full'))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LVLM(c, rngs=nnx.Rngs(0))))
+    step = step_lib.make_sharded_train_step(graphdef, optax.sgd(1.0), c, mesh, params, batch, donate=False)
+    p, o = step.init(params)
+    compiled = step.step.lower(p, o, step.shard_batch(batch)).compile()
+    counts[remat] = len(re.findall(r'%all-to-all[.0-9]* = ', compiled.as_text()))
+    losses[remat] = float(compiled(p, o, step.shard_batch(batch))[2]['loss'])
+  assert counts[True] == counts[False] >= 4, counts
+  assert losses[True] == pytest.approx(losses[False], rel=1e-6)

@@ -44,10 +44,14 @@ from moiie_jax.models.config import ConfigError, LLMConfig
 from moiie_jax.models.mlp import MLP
 
 # LLMConfig.remat_policy -> what jax.checkpoint saves of a layer for the backward pass.
+# Every policy also keeps what an expert exchange received (partitioning.EXCHANGED): recomputing it would repeat the
+# all-to-alls (ICI traffic) to save N*K*D values per MoE layer; without expert parallelism nothing carries the name.
+_EXCHANGED = jax.checkpoint_policies.save_only_these_names(partitioning.EXCHANGED)
 REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'dots': jax.checkpoint_policies.dots_saveable,
+    'full': _EXCHANGED,
+    'minimal': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _EXCHANGED),
+    'dots': jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable, _EXCHANGED),
 }
 
 

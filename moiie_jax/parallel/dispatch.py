@@ -223,11 +223,12 @@ def _moe_forward(block: moe_lib.MoEBlock, x: jax.Array, modality: jax.Array, val
       a2s, s2a, kept = assign_slots(r.experts, routed, e, c_l)
       s2n = jnp.where(s2a < n_l * k, s2a // k, n_l)  # position filling each slot, n_l = empty
       buf = _dispatch_rows(x2, s2n, a2s).reshape(ep, e // ep, c_l, d)  # [P, L, C, D], block j for device j
-      buf = jax.lax.all_to_all(buf, axis, 0, 0, tiled=True)  # [P sources, L, C, D]
+      buf = partitioning.exchanged(jax.lax.all_to_all(buf, axis, 0, 0, tiled=True))  # [P sources, L, C, D]
       rows = buf.transpose(1, 0, 2, 3).reshape(e // ep, ep * c_l, d)  # [L, P*C, D]: one matmul per local expert
       out = experts(rows)
       out = out.reshape(e // ep, ep, c_l, d).transpose(1, 0, 2, 3)  # [P sources, L, C, D]
-      out = jax.lax.all_to_all(out, axis, 0, 0, tiled=True).reshape(e * c_l, d)  # [S, D], back in slot order
+      out = partitioning.exchanged(jax.lax.all_to_all(out, axis, 0, 0, tiled=True))
+      out = out.reshape(e * c_l, d)  # [S, D], back in slot order
     picked = _collect_rows(out, a2s, s2a)  # [N_l, K, D], 0 for dropped choices
     y = jnp.einsum('NK,NKD->ND', combine_weights(r, kept, moe).astype(picked.dtype), picked)
     stats = routing_stats(r, vision, counted, kept, routed, moe)
@@ -266,6 +267,7 @@ def _ragged_experts(rows: jax.Array, counts: jax.Array, experts: moe_lib.Experts
   # The result is typed like `output`: zeros that vary over the mesh axes as the rows do (full_like keeps them).
   received = plan.ragged_all_to_all(rows, jax.lax.full_like(rows, 0, shape=(n_recv, rows.shape[1])), send_offsets,
                                     send_sizes, land_offsets, recv_sizes, axis_name=axis)  # [U, D], source-major
+  received = partitioning.exchanged(received)
   # Received rows come in segments (source s, local expert l) in source-major order; the grouped matmul wants them
   # expert-major. Both reorderings are gathers with the inverse gather as VJP (a permutation, no scatter-add).
   segments = every[:, me, :]  # [P, L]
@@ -275,8 +277,8 @@ def _ragged_experts(rows: jax.Array, counts: jax.Array, experts: moe_lib.Experts
   out = _dispatch_rows(out, to_expert, from_source[:, None])  # [U, D], source-major again
   # Back: each source's rows return to where they came from, i.e. to the source's own send offset for me.
   return_offsets = _exclusive_cumsum(sent, axis=1)[:, me]
-  return plan.ragged_all_to_all(out, jnp.zeros_like(rows), recv_offsets, recv_sizes, return_offsets, send_sizes,
-                                axis_name=axis)
+  return partitioning.exchanged(plan.ragged_all_to_all(out, jnp.zeros_like(rows), recv_offsets, recv_sizes,
+                                                       return_offsets, send_sizes, axis_name=axis))
 
 
 def _expert_major(segments: jax.Array, n_rows: int) -> tuple[jax.Array, jax.Array]:

@@ -1,7 +1,10 @@
 """Training-step throughput: tokens/s and model FLOP/s of one jitted update (forward, backward, AdamW), with MFU
 where the device's peak is known (GPU/TPU; on a CPU it is left null).
 
-    python bench/train_step.py [--configs tiny,100m] [--steps 10] [--out bench/results/train_step.json]
+    python bench/train_step.py [--configs tiny,100m] [--steps 10] [--flatten auto|both] [--out FILE]
+
+--flatten both times each config twice side by side, steps alternating, with the linear layers' matmuls on
+flattened [B*T, D] rows (`models/linear.py`, the CPU default) and on [B, T, D] as nnx.Linear does.
 
 Configs (MoIIE, 4 experts 1+1+2, top-2, interleaved, stage-2 optimizer: everything trains):
   tiny   tiny-llama (D 64, 4 layers) + tiny-siglip (32 px, 16 image tokens), batch 32 x 64 tokens
@@ -26,6 +29,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moiie_jax import compile_cache  # noqa: E402
+from moiie_jax.models import linear  # noqa: E402
 from moiie_jax.models import presets  # noqa: E402
 from moiie_jax.models.config import LLMConfig  # noqa: E402
 from moiie_jax.models.lvlm import LVLM  # noqa: E402
@@ -57,7 +61,8 @@ def build(name: str):
   return cfg, spec
 
 
-def measure(name: str, steps: int) -> dict:
+def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
+  """One row per variant: 'auto' one (the platform default), 'both' flattened and not, timed alternately."""
   cfg, spec = build(name)
   model = LVLM(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
@@ -65,7 +70,6 @@ def measure(name: str, steps: int) -> dict:
   opt_cfg.total_steps = 1000
   tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
   opt_state = tx.init(params)
-  step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1))
   b, t, n_img = spec['batch'], spec['seq'], cfg.num_image_tokens
   rng = np.random.default_rng(0)
   ids = rng.integers(1, cfg.llm.vocab_size, (b, t)).astype(np.int32)
@@ -73,49 +77,66 @@ def measure(name: str, steps: int) -> dict:
   size = cfg.vision.image_size
   batch = {'input_ids': jnp.asarray(ids), 'labels': jnp.asarray(ids), 'attention_mask': jnp.ones((b, t), jnp.int32),
            'pixel_values': jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32)}
-  t0 = time.perf_counter()
-  compiled = step.lower(params, opt_state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis() or {}
-  params, opt_state, metrics = step(params, opt_state, batch)
-  jax.block_until_ready(metrics['loss'])
-  times = []
-  for _ in range(steps):
+  variants = {'auto': [None], 'both': [False, True]}[flatten]
+  runs = {}
+  for flag in variants:
+    state = jax.tree.map(jnp.copy, (params, opt_state))  # each variant its own buffers (the step donates them)
     t0 = time.perf_counter()
-    params, opt_state, metrics = step(params, opt_state, batch)
-    jax.block_until_ready(metrics['loss'])
-    times.append(time.perf_counter() - t0)
-  sec = float(np.median(times))
+    # A new step function per variant: jit caches traces by function, and the switch is read when tracing.
+    step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1))
+    with linear.flattening(flag):
+      compiled = step.lower(*state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    out = compiled(*state, batch)
+    jax.block_until_ready(out[2]['loss'])
+    runs[flag] = dict(compiled=compiled, state=out[:2], compile_s=compile_s, times=[],
+                      cost=compiled.cost_analysis() or {})
+  for _ in range(steps):  # variants alternate, so a noisy neighbour slows both alike
+    for flag, run in runs.items():
+      t0 = time.perf_counter()
+      out = run['compiled'](*run['state'], batch)
+      jax.block_until_ready(out[2]['loss'])
+      run['times'].append(time.perf_counter() - t0)
+      run['state'] = out[:2]
   model_flops = flops_lib.train_flops_per_step(cfg, b, t)
   device = jax.devices()[0]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  return {
-      'config': name, 'device': device.device_kind, 'params': n_params,
-      'activated_llm_matmul_params_per_token': flops_lib.llm_matmul_params_per_token(cfg),
-      'batch': b, 'seq_len': t, 'step_seconds_median': sec, 'step_seconds_min': float(np.min(times)),
-      'tokens_per_s': b * t / sec, 'compile_seconds': compile_s,
-      'model_flops_per_step': model_flops, 'compiled_flops_per_step': float(cost.get('flops', float('nan'))),
-      'model_flops_per_s': model_flops / sec,
-      'mfu': flops_lib.mfu(model_flops, sec, 1, device.device_kind),
-  }
+  rows = []
+  for flag, run in runs.items():
+    sec = float(np.median(run['times']))
+    rows.append({
+        'config': name, 'flatten': {None: 'auto', False: 'off', True: 'on'}[flag], 'device': device.device_kind,
+        'params': n_params, 'activated_llm_matmul_params_per_token': flops_lib.llm_matmul_params_per_token(cfg),
+        'batch': b, 'seq_len': t, 'step_seconds_median': sec, 'step_seconds_min': float(np.min(run['times'])),
+        'tokens_per_s': b * t / sec, 'compile_seconds': run['compile_s'],
+        'model_flops_per_step': model_flops,
+        'compiled_flops_per_step': float(run['cost'].get('flops', float('nan'))),
+        'model_flops_per_s': model_flops / sec, 'mfu': flops_lib.mfu(model_flops, sec, 1, device.device_kind),
+    })
+  return rows
 
 
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument('--configs', default='tiny,100m')
   p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--flatten', default='auto', choices=('auto', 'both'))
   p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
                                                'train_step.json'))
   args = p.parse_args()
   compile_cache.enable()
-  rows = [measure(name, args.steps) for name in args.configs.split(',')]
-  print(f'{"config":<6} {"device":<14} {"params":>12} {"batch x seq":>12} {"step s":>8} {"tokens/s":>10} '
-        f'{"model TFLOP/s":>14} {"MFU":>6}')
+  rows = [r for name in args.configs.split(',') for r in measure(name, args.steps, args.flatten)]
+  print(f'{"config":<6} {"flatten":<7} {"device":<14} {"params":>12} {"batch x seq":>12} {"step s":>8} '
+        f'{"tokens/s":>10} {"model TFLOP/s":>14} {"MFU":>6}')
   for r in rows:
     mfu = '-' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'
-    print(f'{r["config"]:<6} {r["device"]:<14} {r["params"]:>12,} {r["batch"]:>5} x {r["seq_len"]:<5} '
-          f'{r["step_seconds_median"]:>8.3f} {r["tokens_per_s"]:>10.0f} {r["model_flops_per_s"] / 1e12:>14.4f} '
-          f'{mfu:>6}')
+    print(f'{r["config"]:<6} {r["flatten"]:<7} {r["device"]:<14} {r["params"]:>12,} {r["batch"]:>5} x '
+          f'{r["seq_len"]:<5} {r["step_seconds_median"]:>8.3f} {r["tokens_per_s"]:>10.0f} '
+          f'{r["model_flops_per_s"] / 1e12:>14.4f} {mfu:>6}')
+  if args.flatten == 'both':
+    for name in args.configs.split(','):
+      off, on = (next(r for r in rows if r['config'] == name and r['flatten'] == f) for f in ('off', 'on'))
+      print(f'{name}: flattened rows {off["step_seconds_median"] / on["step_seconds_median"]:.2f}x faster')
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump({'date': time.strftime('%Y-%m-%d'), 'rows': rows}, f, indent=2)

@@ -179,3 +179,35 @@ def test_moe_scan_equals_loop(placement, layers, n_layers):
   # The stats are per layer, not a copy of one layer: the layers' routers differ, so their choices do too.
   weights = np.asarray(stats_a.weight_per_expert)
   assert not all(np.allclose(weights[0], weights[j]) for j in range(1, n_moe))
+
+
+def test_flattened_linear_rows_are_the_same_math():
+  """models/linear.py: on the CPU the linear layers multiply [B*T, D] rows; logits and gradients equal those of the
+  [B, T, D] product nnx.Linear computes (up to float rounding), and the parameters are the same."""
+  from moiie_jax.models import linear
+  model = _random_model(PHI2)
+  ids, mask, _ = _inputs(PHI2)
+  assert linear.flatten()  # the CPU default
+  graphdef, state = nnx.split(model)
+
+  def make_run():  # a new function per variant: jit caches traces by function, and the switch acts when tracing
+    def run(state, ids, mask):
+      def loss(state):
+        logits = nnx.merge(graphdef, state)(ids, attention_mask=mask).logits
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]), logits
+      return jax.value_and_grad(loss, has_aux=True)(state)
+    return run
+
+  outs, texts = {}, {}
+  for on in (False, True):
+    with linear.flattening(on):
+      lowered = jax.jit(make_run()).lower(state, ids, mask)
+    texts[on] = lowered.as_text()
+    outs[on] = lowered.compile()(state, ids, mask)
+  flat_rows = f'tensor<{ids.shape[0] * ids.shape[1]}x{PHI2.hidden_size}xf32>'
+  assert flat_rows in texts[True] and flat_rows not in texts[False]  # [B*T, D] rows only when flattening
+  (_, logits_a), grads_a = outs[False]
+  (_, logits_b), grads_b = outs[True]
+  np.testing.assert_allclose(np.asarray(logits_a), np.asarray(logits_b), atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)

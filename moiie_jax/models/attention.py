@@ -21,6 +21,7 @@ from flax import nnx
 
 from moiie_jax.models import rope
 from moiie_jax.models.config import ConfigError, LLMConfig
+from moiie_jax.models.linear import Linear
 
 
 def logical(init, *axes: str):
@@ -112,14 +113,14 @@ class Attention(nnx.Module):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     bias_init = logical(nnx.initializers.zeros_init(), 'heads')
     if cfg.fused_projections:
-      self.qkv_proj = nnx.Linear(d, (n + 2 * g) * h, use_bias=False, kernel_init=logical(init, 'embed', 'qkv'),
+      self.qkv_proj = Linear(d, (n + 2 * g) * h, use_bias=False, kernel_init=logical(init, 'embed', 'qkv'),
                                  **kw)
     else:
       proj = dict(use_bias=cfg.qkv_bias, kernel_init=logical(init, 'embed', 'heads'), bias_init=bias_init, **kw)
-      self.q_proj = nnx.Linear(d, n * h, **proj)
-      self.k_proj = nnx.Linear(d, g * h, **proj)
-      self.v_proj = nnx.Linear(d, g * h, **proj)
-    out = nnx.Linear(n * h, d, use_bias=cfg.out_bias, kernel_init=logical(init, 'heads', 'embed'),
+      self.q_proj = Linear(d, n * h, **proj)
+      self.k_proj = Linear(d, g * h, **proj)
+      self.v_proj = Linear(d, g * h, **proj)
+    out = Linear(n * h, d, use_bias=cfg.out_bias, kernel_init=logical(init, 'heads', 'embed'),
                      bias_init=logical(nnx.initializers.zeros_init(), 'embed'), **kw)
     setattr(self, cfg.attn_out_name, out)  # `o_proj`, or Phi-2's `dense`
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moiie_jax.models.linear import Linear
 from moiie_jax.models.vision import activation
 
 
@@ -34,9 +35,9 @@ class MultiModalProjector(nnx.Module):
     """act: HF `projector_hidden_act` ('gelu' is the exact erf GELU); bias: HF `multimodal_projector_bias`."""
     self.act = activation(act, 'projector_hidden_act')
     kw = {'use_bias': bias, 'dtype': jnp.dtype(dtype), 'param_dtype': jnp.dtype(param_dtype), 'rngs': rngs}
-    self.linear_1 = nnx.Linear(vision_width, llm_width, kernel_init=_torch_linear_init(vision_width),
+    self.linear_1 = Linear(vision_width, llm_width, kernel_init=_torch_linear_init(vision_width),
                                bias_init=_torch_linear_init(vision_width), **kw)
-    self.linear_2 = nnx.Linear(llm_width, llm_width, kernel_init=_torch_linear_init(llm_width),
+    self.linear_2 = Linear(llm_width, llm_width, kernel_init=_torch_linear_init(llm_width),
                                bias_init=_torch_linear_init(llm_width), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:

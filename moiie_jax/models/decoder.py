@@ -42,6 +42,7 @@ from moiie_jax.models import attention as attn
 from moiie_jax.models.attention import Attention, logical
 from moiie_jax.models.config import ConfigError, LLMConfig
 from moiie_jax.models.mlp import MLP
+from moiie_jax.models.linear import Linear
 
 # LLMConfig.remat_policy -> what jax.checkpoint saves of a layer for the backward pass.
 # Every policy also keeps what an expert exchange received (partitioning.EXCHANGED): recomputing it would repeat the
@@ -347,7 +348,7 @@ class CausalLM(nnx.Module):
     self.cfg = cfg
     self.model = Decoder(cfg, rngs=rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=cfg.lm_head_bias,
+      self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, use_bias=cfg.lm_head_bias,
                                 dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                                 kernel_init=logical(nnx.initializers.normal(cfg.initializer_range), 'embed', 'vocab'),
                                 bias_init=logical(nnx.initializers.zeros_init(), 'vocab'), rngs=rngs)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from moiie_jax.models.attention import logical
 from moiie_jax.models.config import GELU_ACTIVATIONS, ConfigError, LLMConfig
+from moiie_jax.models.linear import Linear
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -51,17 +52,17 @@ class MLP(nnx.Module):
     zeros = nnx.initializers.zeros_init()
     if cfg.mlp_kind == 'gelu':
       gelu(cfg.hidden_act)  # an unknown activation fails here, not at the first call
-      self.fc1 = nnx.Linear(d, f, kernel_init=logical(init, 'embed', 'mlp'), bias_init=logical(zeros, 'mlp'), **kw)
-      self.fc2 = nnx.Linear(f, d, kernel_init=logical(init, 'mlp', 'embed'), bias_init=logical(zeros, 'embed'), **kw)
+      self.fc1 = Linear(d, f, kernel_init=logical(init, 'embed', 'mlp'), bias_init=logical(zeros, 'mlp'), **kw)
+      self.fc2 = Linear(f, d, kernel_init=logical(init, 'mlp', 'embed'), bias_init=logical(zeros, 'embed'), **kw)
       return
     if cfg.fused_projections:
-      self.gate_up_proj = nnx.Linear(d, 2 * f, use_bias=False, kernel_init=logical(init, 'embed', 'gate_up'), **kw)
+      self.gate_up_proj = Linear(d, 2 * f, use_bias=False, kernel_init=logical(init, 'embed', 'gate_up'), **kw)
     else:
       up = dict(use_bias=cfg.mlp_bias, kernel_init=logical(init, 'embed', 'mlp'),
                 bias_init=logical(nnx.initializers.zeros_init(), 'mlp'), **kw)
-      self.gate_proj = nnx.Linear(d, f, **up)
-      self.up_proj = nnx.Linear(d, f, **up)
-    self.down_proj = nnx.Linear(f, d, use_bias=cfg.mlp_bias and not cfg.fused_projections,
+      self.gate_proj = Linear(d, f, **up)
+      self.up_proj = Linear(d, f, **up)
+    self.down_proj = Linear(f, d, use_bias=cfg.mlp_bias and not cfg.fused_projections,
                                 kernel_init=logical(init, 'mlp', 'embed'),
                                 bias_init=logical(nnx.initializers.zeros_init(), 'embed'), **kw)
 

@@ -29,6 +29,7 @@ from flax import nnx
 
 from moiie_jax.models import partitioning
 from moiie_jax.models.config import VisionConfig
+from moiie_jax.models.linear import Linear
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF's gelu_pytorch_tanh is torch's tanh approximation, which jax.nn.gelu(approximate=True) computes.
@@ -67,10 +68,10 @@ class Attention(nnx.Module):
     self.num_heads = cfg.num_attention_heads
     self.head_dim = cfg.hidden_size // cfg.num_attention_heads
     d = cfg.hidden_size
-    self.q_proj = nnx.Linear(d, d, **_dtypes(cfg), rngs=rngs)
-    self.k_proj = nnx.Linear(d, d, **_dtypes(cfg), rngs=rngs)
-    self.v_proj = nnx.Linear(d, d, **_dtypes(cfg), rngs=rngs)
-    self.out_proj = nnx.Linear(d, d, **_dtypes(cfg), rngs=rngs)
+    self.q_proj = Linear(d, d, **_dtypes(cfg), rngs=rngs)
+    self.k_proj = Linear(d, d, **_dtypes(cfg), rngs=rngs)
+    self.v_proj = Linear(d, d, **_dtypes(cfg), rngs=rngs)
+    self.out_proj = Linear(d, d, **_dtypes(cfg), rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]."""
@@ -89,8 +90,8 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
     self.act = activation(cfg.hidden_act, 'VisionConfig.hidden_act')
-    self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **_dtypes(cfg), rngs=rngs)
-    self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, **_dtypes(cfg), rngs=rngs)
+    self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, **_dtypes(cfg), rngs=rngs)
+    self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, **_dtypes(cfg), rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, T, D] -> [B, T, D] (through [B, T, F])."""

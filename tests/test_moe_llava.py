@@ -344,3 +344,58 @@ def test_siglip_models_see_728_image_tokens():
   full, dropped = tower.features(pixels, -2, 'full'), tower.features(pixels, -2, 'drop_first')
   assert dropped.shape[1] == full.shape[1] - 1 == 15
   np.testing.assert_array_equal(np.asarray(dropped), np.asarray(full[:, 1:]))
+
+
+def _tiny_tiktoken(path, merges=60):
+  """A byte-level BPE in tiktoken's format, trained here: 256 bytes, then the most frequent pair `merges` times."""
+  import base64
+  import collections
+  import regex
+  from moiie_jax.convert.tiktoken_bpe import QWEN_PATTERN
+  corpus = ('The cat sat on the mat. The dog ate the hat! 12 cats, 3 dogs; what is in the image? '
+            'A red square on a blue background.\n') * 5
+  words = [[bytes([b]) for b in w.encode()] for w in regex.findall(QWEN_PATTERN, corpus)]
+  ranks = {bytes([b]): b for b in range(256)}
+  for _ in range(merges):
+    pairs = collections.Counter((w[i], w[i + 1]) for w in words for i in range(len(w) - 1))
+    if not pairs:
+      break
+    (a, b), _ = pairs.most_common(1)[0]
+    ranks[a + b] = len(ranks)
+    for w in words:
+      i = 0
+      while i < len(w) - 1:
+        if w[i] == a and w[i + 1] == b:
+          w[i:i + 2] = [a + b]
+        i += 1
+  with open(path, 'w') as f:
+    for token, rank in ranks.items():
+      f.write(f'{base64.b64encode(token).decode()} {rank}\n')
+  return ranks
+
+
+def test_qwen_tiktoken_becomes_a_tokenizer_that_encodes_as_tiktoken(tmp_path):
+  import regex
+  import tokenizers
+  from moiie_jax.convert import tiktoken_bpe
+  ranks = _tiny_tiktoken(tmp_path / 'qwen.tiktoken')
+  assert tiktoken_bpe.read_ranks(str(tmp_path / 'qwen.tiktoken')) == ranks
+  tok = tokenizers.Tokenizer.from_str(json.dumps(tiktoken_bpe.tokenizer_json(ranks)))
+  for text in ('The cat sat on the hat.', 'what is in the image?\n\nA blue dog, 12 cats!', 'Zebra 345 naïve'):
+    want = [ranks[p] for piece in regex.findall(tiktoken_bpe.QWEN_PATTERN, text)
+            for p in tiktoken_bpe._split(ranks, piece.encode(), len(ranks) + 1)]
+    assert tok.encode(text).ids == want, text
+    assert tok.decode(want) == text
+  assert tok.token_to_id('<|endoftext|>') == len(ranks) and tok.token_to_id('<|extra_204|>') == len(ranks) + 207
+  # A Qwen MoE-LLaVA folder ships qwen.tiktoken: the converted folder gets a tokenizer.json that our generator uses.
+  from moiie_jax.data.conversations import TextTokenizer
+  src, vision_dir, _, _ = _moe_llava('qwen', tmp_path)
+  _tiny_tiktoken(os.path.join(src, 'qwen.tiktoken'))
+  out = str(tmp_path / 'ours')
+  assert convert_cli.main(['--moe-llava', src, '--vision', vision_dir, '--out', out]) == 0
+  text_tok = TextTokenizer.from_pretrained(out)
+  assert text_tok.eos_token == '<|endoftext|>' and text_tok.encode('The cat') == tok.encode('The cat').ids
+  with pytest.raises(Exception, match='qwen.tiktoken:1'):
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'qwen.tiktoken').write_text('not-base64!! x\n')
+    tiktoken_bpe.read_ranks(str(tmp_path / 'bad' / 'qwen.tiktoken'))

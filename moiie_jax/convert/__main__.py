@@ -11,7 +11,10 @@ it prints one line naming what was wrong, exits non-zero and leaves no partial f
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,10 +48,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from moiie_jax import compile_cache
-  from moiie_jax.convert import folder, hf, sources
+  from moiie_jax.convert import folder, hf, sources, tiktoken_bpe
   from moiie_jax.convert.errors import ConvertError
   from moiie_jax.models.config import ConfigError
   compile_cache.enable()
+  cleanup = []
   try:
     notes, tower, notes_meta = [], None, {}
     if args.llava:
@@ -57,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.moe_llava:
       cfg, state, notes = sources.from_moe_llava(args.moe_llava, args.vision)
       tokenizer_dir, source = args.moe_llava, {'moe_llava': args.moe_llava}
+      tiktoken_file = os.path.join(args.moe_llava, 'qwen.tiktoken')
+      if os.path.isfile(tiktoken_file) and not os.path.isfile(os.path.join(args.moe_llava, 'tokenizer.json')):
+        # Qwen v1 ships a tiktoken file: a tokenizer.json is built from it for our tokenizer.
+        tokenizer_dir = tempfile.mkdtemp(prefix='moiie-qwen-tokenizer-')
+        cleanup.append(tokenizer_dir)
+        tiktoken_bpe.write_tokenizer_files(tiktoken_file, tokenizer_dir)
+        hf.copy_files(args.moe_llava, ['generation_config.json'], tokenizer_dir)
+        notes.append('tokenizer.json built from qwen.tiktoken')
       source_cfg = hf.read_config(args.moe_llava)
       tower = source_cfg.get('mm_image_tower')
       # Its images are padded to square with the processor mean (image_aspect_ratio 'pad', every released model).
@@ -74,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
   except (ConvertError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  finally:
+    for path in cleanup:
+      shutil.rmtree(path, ignore_errors=True)
   print(out)
   return 0
 

@@ -157,13 +157,15 @@ def test_dense_scan_equals_loop_with_cache_and_remat_grads(base):
   assert float(np.abs(np.asarray(a[0]) - np.asarray(logits_loop))[valid].max()) <= TOL
 
 
-@pytest.mark.parametrize('placement,layers,n_layers', [('interleaved', (), 4), ('list', (1, 2, 4, 5), 6)])
-def test_moe_scan_equals_loop(placement, layers, n_layers):
+@pytest.mark.parametrize('placement,layers,n_layers,base', [('interleaved', (), 4, 'llama'),
+                                                         ('list', (1, 2, 4, 5), 6, 'llama'),
+                                                         ('interleaved', (), 4, 'phi2')])
+def test_moe_scan_equals_loop(placement, layers, n_layers, base):
   """Interleaved MoE (period 2) and a period-3 layout with two MoE layers per block: logits and the per-layer
-  stats, stacked in layer order, match the loop."""
+  stats, stacked in layer order, match the loop (Phi-2's parallel block with fc1/fc2 experts too)."""
   moe = MoEConfig(variant='moiie', n_vision=1, n_shared=2, n_language=1, top_k=2, placement=placement,
                   layers=layers)
-  loop_cfg = dataclasses.replace(BASE, num_hidden_layers=n_layers, moe=moe)
+  loop_cfg = dataclasses.replace({'llama': BASE, 'phi2': PHI2}[base], num_hidden_layers=n_layers, moe=moe)
   scan_cfg = dataclasses.replace(loop_cfg, scan_layers=True)
   looped = _random_model(loop_cfg)
   scanned = _empty_model(scan_cfg)

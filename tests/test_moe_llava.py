@@ -399,3 +399,20 @@ def test_qwen_tiktoken_becomes_a_tokenizer_that_encodes_as_tiktoken(tmp_path):
     (tmp_path / 'bad').mkdir()
     (tmp_path / 'bad' / 'qwen.tiktoken').write_text('not-base64!! x\n')
     tiktoken_bpe.read_ranks(str(tmp_path / 'bad' / 'qwen.tiktoken'))
+
+
+def test_a_folder_without_its_tower_takes_it_from_vision(tmp_path, capsys):
+  src, vision_dir, _, _ = _moe_llava('stablelm', tmp_path)
+  full = str(tmp_path / 'full')
+  assert convert_cli.main(['--moe-llava', src, '--vision', vision_dir, '--out', full]) == 0
+  bare = _edit(src, tmp_path, 'bare', drop='model.image_tower.')
+  out = str(tmp_path / 'from-vision')
+  assert convert_cli.main(['--moe-llava', bare, '--vision', vision_dir, '--out', out]) == 0
+  (_, a, _), (_, b, meta) = folder.load_folder(full), folder.load_folder(out)
+  for (p, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a, nnx.Param)), nnx.to_flat_state(nnx.state(b, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()), err_msg=str(p))
+  assert any('vision tower weights from' in n for n in meta['notes'])
+  capsys.readouterr()
+  assert convert_cli.main(['--moe-llava', bare, '--out', str(tmp_path / 'none')]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'tiny-clip' in err[0] and '--vision' in err[0], err

@@ -7,7 +7,7 @@ coefficient 0.01, three stages:
     stage=3  upcycle, then experts + routers only, lr 2e-5, batch 128
     sequences of up to 2048 tokens in every stage (its scripts' model_max_length; Phi-2's whole context)
 
-    llm=phi2 | stablelm2-1.6b | qwen-1.8b   its released backbones (Phi2-2.7B-4e, StableLM-1.6B-4e, Qwen-1.8B-4e)
+    llm=phi2 | stablelm2 | qwen1.8b        its released backbones (Phi2-2.7B-4e, StableLM-1.6B-4e, Qwen-1.8B-4e)
     llm=phi3-mini | llama3-8b              our backbones, for a like-for-like comparison with MoIIE
     vision=clip (its CLIP-L-336) | siglip (its -384 models)
     gate=deepspeed (default: MoE-LLaVA's) | mixtral (ours: padding not routed, Mixtral aux loss over both choices)
@@ -26,6 +26,7 @@ eval_capacity_factor 2.0 here as in MoE-LLaVA only when asked
 from moiie_jax.train import recipe
 
 LLMS = ('phi2', 'stablelm2-1.6b', 'qwen-1.8b', 'phi3-mini', 'llama3-8b')
+ALIASES = {'stablelm2': 'stablelm2-1.6b', 'qwen1.8b': 'qwen-1.8b', 'qwen': 'qwen-1.8b', 'stablelm': 'stablelm2-1.6b'}
 # The chat template of each backbone: MoE-LLaVA uses one text layout for its three; ours keep their own.
 TEMPLATES = {'phi2': 'moe_llava', 'stablelm2-1.6b': 'moe_llava', 'qwen-1.8b': 'moe_llava', 'phi3-mini': 'phi3',
              'llama3-8b': 'llama3'}
@@ -33,6 +34,7 @@ TEMPLATES = {'phi2': 'moe_llava', 'stablelm2-1.6b': 'moe_llava', 'qwen-1.8b': 'm
 
 def get_config(arg: str | None = None):
   a = recipe.parse_arg(arg, stage=3, llm='phi2', vision='clip', gate='deepspeed', noise='none', runlocal=False)
+  a.llm = ALIASES.get(a.llm, a.llm)
   if a.llm not in LLMS:
     raise ValueError(f'config arg llm={a.llm!r}: expected one of {list(LLMS)}')
   if a.gate not in ('deepspeed', 'mixtral'):

@@ -225,7 +225,17 @@ def test_sharded_train_step_equals_single_device(name, capacity, optimizer):
   dropped = float(metrics['moe_stats'].dropped_fraction.max())  # [MoE layers]
   assert (dropped > 0.02) if capacity > 0 else dropped == 0.0
   # SGD(lr=1): params - new params = the gradient, so this compares gradients; AdamW: parameters after 2 steps.
-  assert_close(p, ref_params, what='params ')
+  # A key bias (Phi-2's k_proj.bias) shifts every score of a query by the same q . b, which the softmax ignores: its
+  # gradient is 0 up to rounding, and AdamW turns that rounding noise into +-lr steps whose sign differs between
+  # two summation orders. It is compared with the tolerance of one such step.
+  def k_bias(path):
+    return 'k_proj' in jax.tree_util.keystr(path) and 'bias' in jax.tree_util.keystr(path)
+  got = jax.tree_util.tree_flatten_with_path(p)[0]
+  want = jax.tree.leaves(ref_params)
+  for (path, a), b in zip(got, want):
+    tol = 2e-3 if optimizer == 'adamw' and k_bias(path) else 1e-5
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol, rtol=1e-5,
+                               err_msg=f'params {jax.tree_util.keystr(path)}')
   moved = max(np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
   assert moved > 1e-4
   # The state stays in its layout: expert weights split over `expert`, Adam moments like their parameters.

@@ -33,8 +33,8 @@ import numpy as np
 from moiie_jax.convert import hf
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.convert.llm_keys import llm_params_from_hf, llm_params_to_hf, mlp_tensor_shapes
-from moiie_jax.convert.vision_keys import (connector_params_from_hf, connector_params_to_hf, vision_params_from_hf,
-                                           vision_params_to_hf)
+from moiie_jax.convert.vision_keys import (connector_params_from_hf, connector_params_to_hf, flat_params,
+                                           vision_params_from_hf, vision_params_to_hf)
 from moiie_jax.models import config as config_lib
 from moiie_jax.models import presets
 
@@ -330,7 +330,7 @@ def to_moe_llava(cfg: config_lib.LVLMConfig, flat: Mapping[Path, Any],
   if cfg.vision_feature_select_strategy != 'drop_first':
     raise ConvertError(f'export to moe-llava: vision_feature_select_strategy='
                        f'{cfg.vision_feature_select_strategy!r}; MoE-LLaVA takes [:, 1:] (drop_first)')
-  flat = {tuple(p): np.asarray(v.get_value() if hasattr(v, 'get_value') else v) for p, v in flat.items()}
+  flat = flat_params(flat)
   if llm.scan_layers:
     from moiie_jax.convert import upcycle  # pylint: disable=import-outside-toplevel
     looped = dataclasses.replace(llm, scan_layers=False)
@@ -364,7 +364,7 @@ def to_moe_llava(cfg: config_lib.LVLMConfig, flat: Mapping[Path, Any],
                                            prefix='').items():
     layer, leaf = key.split('.', 1)
     tensors[f'model.mm_projector.image_spatial_proj.{0 if layer == "linear_1" else 2}.{leaf}'] = value
-  kind = {'phi': 'phi', 'stablelm': 'stablelm'}[llm.architecture]
+  kind = llm.architecture  # phi | stablelm, checked above
   hf_cfg = {**_hf_llm_config(llm), 'model_type': f'moe_llava_{kind}' if llm.moe.is_moe else f'llava_{kind}',
             'image_projector_type': 'mlp2x_gelu', 'mm_hidden_size': cfg.vision.hidden_size,
             'mm_vision_select_layer': cfg.vision_feature_layer, 'mm_vision_select_feature': 'patch',

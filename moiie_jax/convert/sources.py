@@ -23,8 +23,8 @@ from moiie_jax.convert import hf
 from moiie_jax.convert import moe_llava
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.convert.llm_keys import llm_params_from_hf, llm_params_to_hf
-from moiie_jax.convert.vision_keys import (connector_params_from_hf, connector_params_to_hf, vision_params_from_hf,
-                                           vision_params_to_hf)
+from moiie_jax.convert.vision_keys import (connector_params_from_hf, connector_params_to_hf, flat_params,
+                                           vision_params_from_hf, vision_params_to_hf)
 from moiie_jax.models import config as config_lib
 from moiie_jax.models.connector import MultiModalProjector
 from moiie_jax.models.lvlm import LVLM
@@ -127,10 +127,6 @@ def from_moe_llava(folder: str, vision_dir: str | None = None) -> tuple[config_l
 MOE_FORMATS = 'moe-llava (vanilla MoE, Phi-2 or StableLM); or keep the moiie_jax folder'
 
 
-def _plain(flat) -> dict:
-  return {tuple(p): np.asarray(v.get_value() if hasattr(v, 'get_value') else v) for p, v in flat.items()}
-
-
 def _looped_llm(cfg: config_lib.LVLMConfig, flat: dict, fmt: str) -> tuple[config_lib.LLMConfig, dict]:
   """(a looped dense LLMConfig, the LLM's flat params in its layout) for an export to `fmt`."""
   llm = cfg.llm
@@ -147,7 +143,7 @@ def _looped_llm(cfg: config_lib.LVLMConfig, flat: dict, fmt: str) -> tuple[confi
 
 def to_hf_llm(cfg: config_lib.LVLMConfig, flat) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(config.json dict, tensors) of the language model alone as its HF ...ForCausalLM (format hf-llm)."""
-  llm, lm = _looped_llm(cfg, _plain(flat), 'hf-llm')
+  llm, lm = _looped_llm(cfg, flat_params(flat), 'hf-llm')
   return config_lib.llm_to_hf(llm), llm_params_to_hf(lm, llm)
 
 
@@ -159,7 +155,7 @@ def to_llava(cfg: config_lib.LVLMConfig, flat) -> tuple[dict[str, Any], dict[str
   placeholder (id = vocab_size) gets a zero embedding row and a zero lm_head row; that id is returned for the
   generation config's `suppress_tokens`. HF's LLaVA head has no bias: a nonzero Phi-2 lm_head bias is refused.
   """
-  flat = _plain(flat)
+  flat = flat_params(flat)
   llm, lm = _looped_llm(cfg, flat, 'llava-hf')
   suppress = []
   image_id = cfg.image_token_id

@@ -153,7 +153,7 @@ def vision_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: VisionConfig, 
   return out
 
 
-def _flat_params(params: Any) -> dict[Path, np.ndarray]:
+def flat_params(params: Any) -> dict[Path, np.ndarray]:
   """{path: numpy array} from an nnx.State, an nnx.Module or a flat {path: array} mapping."""
   if isinstance(params, nnx.Module):
     params = nnx.state(params, nnx.Param)
@@ -187,7 +187,7 @@ def vision_params_to_hf(params: Any, cfg: VisionConfig, prefix: str = '') -> dic
   SiglipModel/CLIPModel layout; 'vision_tower.vision_model.' a llava-hf file. Ignored HF tensors (SigLIP's head)
   are not produced.
   """
-  return _export(_flat_params(params), _vision_table(cfg), prefix, f'vision tower export ({cfg.architecture})')
+  return _export(flat_params(params), _vision_table(cfg), prefix, f'vision tower export ({cfg.architecture})')
 
 
 # ------------------------------------------------------------------------------------------------ connector
@@ -241,7 +241,7 @@ def connector_params_from_hf(tensors: Mapping[str, np.ndarray], prefix: str = 'm
 
 def connector_params_to_hf(params: Any, prefix: str = 'multi_modal_projector.') -> dict[str, np.ndarray]:
   """HF tensors {prefix + 'linear_1.weight': [D, V], ...} from MultiModalProjector params (flat, State or module)."""
-  flat = _flat_params(params)
+  flat = flat_params(params)
   if ('linear_1', 'kernel') not in flat:
     raise ConvertError(f'connector export: no ("linear_1", "kernel") among {_listing(map(str, flat))}')
   v, d = np.shape(flat[('linear_1', 'kernel')])

@@ -218,8 +218,8 @@ class MoEStats:
   router_entropy: jax.Array  # float32[2], mean entropy (nats) of the router distribution, per modality
 
 
-def routing_stats(r: Routing, vision: jax.Array, counted: jax.Array, kept: jax.Array, routed: jax.Array | None = None,
-                  moe: MoEConfig | None = None) -> MoEStats:
+def routing_stats(r: Routing, vision: jax.Array, counted: jax.Array, kept: jax.Array, routed: jax.Array,
+                  moe: MoEConfig) -> MoEStats:
   """vision, counted, routed: bool[N]; kept: bool[N, K].
 
   Under DeepSpeed's gate (moe.gate='deepspeed') the balance-loss fields (slot_counts, prob_sums, num_tokens,
@@ -228,11 +228,11 @@ def routing_stats(r: Routing, vision: jax.Array, counted: jax.Array, kept: jax.A
   E * sum_e mean_gate_e * first_choice_fraction_e. The per-modality fields count `counted` positions either way.
   """
   e_total = r.probs.shape[-1]
-  gshard = moe is not None and moe.gate == 'deepspeed'
+  gshard = moe.gate == 'deepspeed'
   c = (routed if gshard else counted).astype(jnp.float32)
   onehot = jax.nn.one_hot(r.experts, e_total, dtype=jnp.float32)  # [N, K, E]
   chosen = jnp.sum(onehot, axis=1)  # [N, E]
-  weight = jnp.einsum('NK,NKE->NE', combine_weights(r, kept, moe) if moe is not None else r.weights, onehot)
+  weight = jnp.einsum('NK,NKE->NE', combine_weights(r, kept, moe), onehot)
   by_router = jax.nn.one_hot(r.row, 2, dtype=jnp.float32) * c[:, None]  # [N, 2]
   counted_f = counted.astype(jnp.float32)
   by_modality = jax.nn.one_hot(vision.astype(jnp.int32), 2, dtype=jnp.float32) * counted_f[:, None]  # [N, 2]

@@ -20,5 +20,5 @@ from moiie_jax.train import recipe
 
 def get_config(arg: str | None = None):
   a = recipe.parse_arg(arg, stage=2, variant='moiie', experts=4, layout='balanced', placement='interleaved',
-                       aux=0.001, vision='siglip', three_stage=False, runlocal=False)
+                       aux=0.001, vision='siglip', three_stage=False, s2='auto', runlocal=False)
   return recipe.paper_recipe(a, llm='phi3-mini', template='phi3')

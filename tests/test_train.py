@@ -246,7 +246,7 @@ def _abstract_params(part_cfg, build) -> int:
     'phi3_mini_moiie.py:stage=3,three_stage=True', 'llama3_8b_moiie.py:stage=2', 'llama3_8b_moiie.py:stage=2,vision=clip',
     'moe_llava.py:stage=3', 'moe_llava.py:stage=2', 'moe_llava.py:stage=3,llm=stablelm2-1.6b',
     'moe_llava.py:stage=3,llm=qwen-1.8b,vision=siglip', 'moe_llava.py:stage=3,llm=phi3-mini,gate=mixtral',
-    'demo.py:stage=2'])
+    'phi3_mini_moiie.py:stage=2,s2=on', 'demo.py:stage=2'])
 def test_every_recipe_builds_its_full_size_model(spec):
   c = recipe.load(os.path.join(ROOT, 'configs', spec))
   cfg = recipe.model_config(c)
@@ -258,7 +258,7 @@ def test_every_recipe_builds_its_full_size_model(spec):
   from moiie_jax.models.vision import VisionTower
   n = _abstract_params(cfg.vision, lambda: VisionTower(cfg.vision, rngs=nnx.Rngs(0)))
   n += _abstract_params(cfg.llm, lambda: CausalLM(cfg.llm, rngs=nnx.Rngs(0)))
-  n += _abstract_params(cfg, lambda: MultiModalProjector(cfg.vision.hidden_size, cfg.llm.hidden_size,
+  n += _abstract_params(cfg, lambda: MultiModalProjector(cfg.vision.feature_size, cfg.llm.hidden_size,
                                                          act=cfg.projector_hidden_act,
                                                          bias=cfg.multimodal_projector_bias, rngs=nnx.Rngs(0)))
   assert n > 0
@@ -266,6 +266,9 @@ def test_every_recipe_builds_its_full_size_model(spec):
      and 'placement' not in spec and 'vision' not in spec:
     assert cfg.llm.moe.variant == 'moiie' and len(cfg.llm.moe_layers) == 16 and cfg.llm.moe.n_experts == 4
     assert cfg.num_image_tokens == 729 and 7e9 < n < 9e9, n  # 4 experts in 16 of 32 layers of Phi-3-mini
+  if spec.endswith('s2=on'):  # the official S2 scales: 14 tower passes per image, a 3 x 1152-wide connector
+    assert (cfg.vision.s2_scales, cfg.vision.tiles_per_image, cfg.vision.feature_size) == ((384, 768, 1152), 14, 3456)
+    assert cfg.num_image_tokens == 729
   if spec == 'moe_llava.py:stage=3':  # MoE-LLaVA-Phi2-2.7B-4e: 4 experts in the 16 even layers, its gate
     moe = cfg.llm.moe
     assert cfg.llm.architecture == 'phi' and cfg.llm.moe_layers == tuple(range(0, 32, 2)) and moe.n_experts == 4

@@ -1,6 +1,6 @@
 """Convert Hugging Face PyTorch weights into a moiie_jax checkpoint folder.
 
-    python -m moiie_jax.convert --llm HF_LLM_DIR --vision HF_VISION_DIR --out DIR [--template phi3]
+    python -m moiie_jax.convert --llm HF_LLM_DIR --vision HF_VISION_DIR --out DIR [--template phi3] [--s2]
     python -m moiie_jax.convert --llava HF_LLAVA_DIR --out DIR
     python -m moiie_jax.convert --moe-llava MOE_LLAVA_DIR [--vision HF_VISION_DIR] --out DIR
 
@@ -36,12 +36,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  help='placeholder id for image tokens (default: vocab_size, an id the tokenizer never emits)')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='stored parameter dtype')
   p.add_argument('--seed', type=int, default=0, help='seed of the fresh connector (--llm/--vision only)')
+  p.add_argument('--s2', nargs='?', const='official', default=None, metavar='SCALES',
+                 help='S2 multi-scale features (--llm/--vision only): the official scales (the tower size x 1, 2, '
+                      '3: 384,768,1152), or comma-separated sizes; the fresh connector takes their width')
   p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out folder')
   args = p.parse_args(argv)
   if args.llm and not args.vision:
     p.error('--llm needs --vision')
   if args.llava and args.vision:
     p.error('--vision goes with --llm or --moe-llava, not with --llava')
+  if args.s2 is not None and not args.llm:
+    p.error('--s2 goes with --llm/--vision (a converted LLaVA or MoE-LLaVA folder keeps its own features)')
+  if args.s2 not in (None, 'official'):
+    try:
+      args.s2 = tuple(int(x) for x in args.s2.split(','))
+    except ValueError:
+      p.error(f'--s2 {args.s2}: expected comma-separated sizes in pixels, e.g. 384,768,1152')
   return args
 
 
@@ -74,8 +84,14 @@ def main(argv: list[str] | None = None) -> int:
       # Its images are padded to square with the processor mean (image_aspect_ratio 'pad', every released model).
       notes_meta = {'pad_to_square': source_cfg.get('image_aspect_ratio', 'pad') == 'pad'}
     else:
+      s2 = args.s2
+      if s2 == 'official':
+        size = hf.read_config(args.vision)
+        size = size.get('vision_config', size)['image_size']
+        s2 = (size, 2 * size, 3 * size)
       cfg, state = sources.from_llm_and_vision(args.llm, args.vision, image_token_id=args.image_token_id,
-                                               vision_feature_layer=args.vision_feature_layer, seed=args.seed)
+                                               vision_feature_layer=args.vision_feature_layer, seed=args.seed,
+                                               s2_scales=s2 or ())
       tokenizer_dir, source = args.llm, {'llm': args.llm, 'vision': args.vision}
     if args.dtype != 'float32':
       cfg, state = sources.with_param_dtype(cfg, args.dtype), sources.cast_state(state, args.dtype)

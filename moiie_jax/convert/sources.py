@@ -51,23 +51,26 @@ def _prefixed(prefix: tuple, flat: dict) -> dict:
   return {prefix + tuple(path): value for path, value in flat.items()}
 
 
-def _fresh_connector(cfg: config_lib.LVLMConfig, seed: int) -> dict:
-  """A freshly initialised connector, as the paper's stage 1 starts from (HF-default nnx.Linear init)."""
-  projector = MultiModalProjector(cfg.vision.hidden_size, cfg.llm.hidden_size, act=cfg.projector_hidden_act,
+def fresh_connector(cfg: config_lib.LVLMConfig, seed: int) -> dict:
+  """A freshly initialised connector's flat parameters, as the paper's stage 1 starts from (HF-default nnx.Linear
+  init); its input is cfg.vision.feature_size wide (3 x the tower's with S2)."""
+  projector = MultiModalProjector(cfg.vision.feature_size, cfg.llm.hidden_size, act=cfg.projector_hidden_act,
                                   bias=cfg.multimodal_projector_bias, rngs=nnx.Rngs(seed))
   return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(projector, nnx.Param))}
 
 
 def from_llm_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int | None = None,
-                        vision_feature_layer: int = -2, seed: int = 0) -> tuple[config_lib.LVLMConfig, nnx.State]:
-  """Source (a): an LLM folder + a vision folder; the connector is freshly initialised from `seed`."""
+                        vision_feature_layer: int = -2, seed: int = 0,
+                        s2_scales: tuple[int, ...] = ()) -> tuple[config_lib.LVLMConfig, nnx.State]:
+  """Source (a): an LLM folder + a vision folder; the connector is freshly initialised from `seed` (for S2
+  features when `s2_scales` is set: 3 x the tower's width for the official 384, 768, 1152)."""
   llm_hf = hf.read_config(llm_dir)
   _check_architecture(llm_dir, llm_hf, LLM_ARCHITECTURES)
   vision_hf = hf.read_config(vision_dir)
   _check_architecture(vision_dir, vision_hf, VISION_ARCHITECTURES)
   llm_cfg = config_lib.llm_from_hf(llm_hf)
   cfg = config_lib.LVLMConfig(
-      llm=llm_cfg, vision=config_lib.vision_from_hf(vision_hf),
+      llm=llm_cfg, vision=config_lib.vision_from_hf(vision_hf, s2_scales=tuple(s2_scales)),
       image_token_id=llm_cfg.vocab_size if image_token_id is None else image_token_id,
       vision_feature_layer=vision_feature_layer)
   cfg.validate()
@@ -76,7 +79,7 @@ def from_llm_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int | 
   flat = {}
   flat.update(_prefixed(('language_model',), llm_params_from_hf(llm_tensors, cfg.llm)))
   flat.update(_prefixed(('vision_tower',), vision_params_from_hf(vision_tensors, cfg.vision)))
-  flat.update(_prefixed(('multi_modal_projector',), _fresh_connector(cfg, seed)))
+  flat.update(_prefixed(('multi_modal_projector',), fresh_connector(cfg, seed)))
   state = hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, f'{llm_dir} + {vision_dir}')
   return cfg, state
 
@@ -155,6 +158,10 @@ def to_llava(cfg: config_lib.LVLMConfig, flat) -> tuple[dict[str, Any], dict[str
   placeholder (id = vocab_size) gets a zero embedding row and a zero lm_head row; that id is returned for the
   generation config's `suppress_tokens`. HF's LLaVA head has no bias: a nonzero Phi-2 lm_head bias is refused.
   """
+  if cfg.vision.s2_scales:
+    raise ConvertError(f'export to llava-hf: the checkpoint uses S2 multi-scale features (scales '
+                       f'{list(cfg.vision.s2_scales)}), which LlavaForConditionalGeneration cannot compute; use '
+                       f'--format hf-llm for the language model alone')
   flat = flat_params(flat)
   llm, lm = _looped_llm(cfg, flat, 'llava-hf')
   suppress = []

@@ -118,7 +118,7 @@ class DataConfig:
   @classmethod
   def for_model(cls, model: Any, *, pad_to_square: bool = False, **fields: Any) -> DataConfig:
     """A config whose image recipe, image token id and count match an `LVLMConfig`; `fields` set the rest."""
-    image = image_lib.config_for_tower(model.vision.architecture, model.vision.image_size, pad_to_square)
+    image = image_lib.config_for_tower(model.vision.architecture, model.vision.input_size, pad_to_square)
     cfg = cls(**{'image': image, 'num_image_tokens': model.num_image_tokens, 'image_token_id': model.image_token_id,
                  'pad_token_id': model.llm.pad_token_id, **fields})
     cfg.validate()

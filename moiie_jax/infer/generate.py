@@ -246,7 +246,7 @@ def generate_ids(model: LVLM, input_ids: np.ndarray, attention_mask: np.ndarray 
       raise ValueError(f'input_ids: row {row} holds image tokens but pixel_values is None')
   if pixel_values is not None:
     v = cfg.vision
-    want = (ids.shape[0], v.image_size, v.image_size, v.num_channels)
+    want = (ids.shape[0], v.input_size, v.input_size, v.num_channels)
     if tuple(np.shape(pixel_values)) != want:
       raise ValueError(f'pixel_values: expected float32{list(want)} (channels last), got '
                        f'{list(np.shape(pixel_values))}')
@@ -350,7 +350,7 @@ class Generator:
     self.model = inference_model(model, capacity_factor)
     self.tokenizer = tokenizer
     self.template = template
-    self.image_config = image_config or images.config_for_tower(cfg.vision.architecture, cfg.vision.image_size)
+    self.image_config = image_config or images.config_for_tower(cfg.vision.architecture, cfg.vision.input_size)
     self.batch_size = batch_size
     self.max_positions = cfg.llm.max_position_embeddings
     self.max_prompt_tokens = min(max_prompt_tokens or self.max_positions, self.max_positions - 1)
@@ -381,7 +381,7 @@ class Generator:
         raise ValueError(f'{folder}/meta.json: no "template"; pass a template name or none (raw prompts)')
     tmpl = None if template in (None, 'none') else conversations.get_template(template)
     kwargs.setdefault('image_config', images.config_for_tower(
-        cfg.vision.architecture, cfg.vision.image_size, pad_to_square=bool(meta.get('pad_to_square', False))))
+        cfg.vision.architecture, cfg.vision.input_size, pad_to_square=bool(meta.get('pad_to_square', False))))
     kwargs['eos_ids'] = list(kwargs.get('eos_ids', ())) + _read_generation_eos(folder)
     return cls(model, cfg, tokenizer, tmpl, **kwargs)
 

@@ -332,10 +332,29 @@ class VisionConfig:
   layer_norm_eps: float = 1e-6
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  # S2 multi-scale features (models/s2.py; the official MoIIE fine-tuning's --use_s2 with 384, 768, 1152): () off,
+  # else the scales in pixels, smallest = image_size (the tile the tower sees), each a multiple of it. The image
+  # is served at the largest scale and the connector takes len(s2_scales) * hidden_size channels.
+  s2_scales: tuple[int, ...] = ()
 
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def input_size(self) -> int:
+    """The side of the images the tower is fed: the largest S2 scale, else image_size."""
+    return max(self.s2_scales) if self.s2_scales else self.image_size
+
+  @property
+  def feature_size(self) -> int:
+    """Channels of the image features the connector takes."""
+    return self.hidden_size * max(1, len(self.s2_scales))
+
+  @property
+  def tiles_per_image(self) -> int:
+    """Tower passes per image (1 + 4 + 9 = 14 for the official S2 scales)."""
+    return sum((s // self.image_size) ** 2 for s in self.s2_scales) if self.s2_scales else 1
 
   @property
   def has_class_token(self) -> bool:
@@ -346,6 +365,16 @@ class VisionConfig:
     if self.hidden_act not in ('gelu_pytorch_tanh', 'quick_gelu', 'gelu'):
       raise ConfigError(f'VisionConfig.hidden_act={self.hidden_act!r}: expected gelu_pytorch_tanh, quick_gelu '
                         f'or gelu')
+    if self.s2_scales:
+      scales = tuple(self.s2_scales)
+      if (list(scales) != sorted(set(scales)) or scales[0] != self.image_size
+          or any(s % self.image_size for s in scales)):
+        raise ConfigError(f'VisionConfig.s2_scales={list(scales)}: expected increasing sizes starting at the '
+                          f'tower\'s image_size={self.image_size}, each a multiple of it (e.g. '
+                          f'{[self.image_size * k for k in (1, 2, 3)]})')
+      if self.has_class_token:
+        raise ConfigError(f'VisionConfig.s2_scales with architecture={self.architecture!r}: S2 tiles are merged '
+                          f'patch by patch, so it needs a tower without a class token (siglip)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,6 +406,9 @@ class LVLMConfig:
     self.vision.validate()
     _check_choice('LVLMConfig', 'vision_feature_select_strategy', self.vision_feature_select_strategy,
                   ('default', 'full', 'drop_first'))
+    if self.vision.s2_scales and self.vision_feature_select_strategy == 'drop_first':
+      raise ConfigError('LVLMConfig.vision_feature_select_strategy=\'drop_first\' with vision.s2_scales: S2 '
+                        'merges whole patch grids; drop_first (MoE-LLaVA) is a non-S2 strategy')
     layers = self.vision.num_hidden_layers
     if not -layers - 1 <= self.vision_feature_layer <= layers:
       raise ConfigError(f'LVLMConfig.vision_feature_layer={self.vision_feature_layer}: the tower has '

@@ -38,7 +38,7 @@ class LVLM(nnx.Module):
     self.cfg = cfg
     self.vision_tower = VisionTower(cfg.vision, rngs=rngs)
     self.multi_modal_projector = MultiModalProjector(
-        cfg.vision.hidden_size, cfg.llm.hidden_size, act=cfg.projector_hidden_act,
+        cfg.vision.feature_size, cfg.llm.hidden_size, act=cfg.projector_hidden_act,
         bias=cfg.multimodal_projector_bias, rngs=rngs)
     self.language_model = CausalLM(cfg.llm, rngs=rngs)
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moiie_jax.models import partitioning
+from moiie_jax.models import s2
 from moiie_jax.models.config import VisionConfig
 from moiie_jax.models.linear import Linear
 
@@ -211,14 +212,22 @@ class VisionTower(nnx.Module):
   def features(self, pixel_values: jax.Array, layer: int, select_strategy: str = 'default') -> jax.Array:
     """LLaVA's image features: hidden_states[layer], CLIP's class token dropped when select_strategy='default'.
 
-    pixel_values: float32[B, H, W, C] -> [B, N, D] (N = num_patches, plus 1 for CLIP with 'full').
+    pixel_values: float32[B, S, S, C] with S = cfg.input_size -> [B, N, D'] (N = num_patches, plus 1 for CLIP with
+    'full'; D' = cfg.feature_size: the tower width, times the number of scales with S2, see models/s2.py).
     SigLIP has no class token, so both strategies keep all patches (HF LLaVA would slice off a patch under
     'default'; SigLIP LLaVA checkpoints therefore use 'full', which is what both mean here). 'drop_first' is
     MoE-LLaVA's `[:, 1:]` whatever the tower: CLIP's class token, or SigLIP's first patch (728 of 729 tokens).
     """
     if select_strategy not in ('default', 'full', 'drop_first'):
       raise ValueError(f'vision_feature_select_strategy={select_strategy!r}: expected default, full or drop_first')
+    cfg = self.cfg
+    if cfg.s2_scales:
+      size = cfg.input_size
+      if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:3]) != (size, size):
+        raise ValueError(f'pixel_values has shape {tuple(pixel_values.shape)}; the S2 tower (scales '
+                         f'{list(cfg.s2_scales)}) expects [B, {size}, {size}, {cfg.num_channels}], the largest scale')
+      return s2.multiscale_features(lambda tiles: self(tiles, output_layer=layer), pixel_values, cfg.s2_scales)
     x = self(pixel_values, output_layer=layer)
-    if (select_strategy == 'default' and self.cfg.has_class_token) or select_strategy == 'drop_first':
+    if (select_strategy == 'default' and cfg.has_class_token) or select_strategy == 'drop_first':
       x = x[:, 1:]
     return x

@@ -29,17 +29,25 @@ def llm_matmul_params_per_token(cfg: LVLMConfig) -> int:
 
 
 def vision_matmul_params_per_token(cfg: LVLMConfig) -> int:
+  """Matmul parameters one patch token meets in the tower (connector excluded: it runs once per image token,
+  after S2's pooling)."""
   v = cfg.vision
   per_layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
   patch = v.num_channels * v.patch_size ** 2 * v.hidden_size
-  connector = v.hidden_size * cfg.llm.hidden_size + cfg.llm.hidden_size ** 2
-  return v.num_hidden_layers * per_layer + patch + connector
+  return v.num_hidden_layers * per_layer + patch
+
+
+def connector_params_per_token(cfg: LVLMConfig) -> int:
+  return cfg.vision.feature_size * cfg.llm.hidden_size + cfg.llm.hidden_size ** 2
 
 
 def train_flops_per_step(cfg: LVLMConfig, batch: int, seq_len: int, images: int | None = None,
                          vision_backward: bool = True) -> float:
   """Model FLOPs (forward + backward) of one step over `batch` sequences of `seq_len` tokens with `images`
-  images (default: one per sequence). Set vision_backward=False when the tower is frozen (stage 1)."""
+  images (default: one per sequence). Set vision_backward=False when the tower is frozen (stage 1).
+
+  With S2 the tower runs on every tile of every scale (cfg.vision.tiles_per_image passes per image); the
+  connector, which trains in every stage, on the pooled tokens once."""
   images = batch if images is None else images
   llm = cfg.llm
   tokens = batch * seq_len
@@ -48,10 +56,11 @@ def train_flops_per_step(cfg: LVLMConfig, batch: int, seq_len: int, images: int 
   n_patch = cfg.vision.num_patches + (1 if cfg.vision.has_class_token else 0)
   v = cfg.vision
   v_attn = v.num_hidden_layers * 2 * 2 * n_patch * v.hidden_size
-  v_tokens = images * n_patch
+  v_tokens = images * n_patch * v.tiles_per_image
   v_mult = 6 if vision_backward else 2
   vision_flops = v_tokens * (v_mult * vision_matmul_params_per_token(cfg) + v_mult / 2 * v_attn)
-  return float(llm_flops + vision_flops)
+  connector_flops = images * n_patch * 6 * connector_params_per_token(cfg)
+  return float(llm_flops + vision_flops + connector_flops)
 
 
 def peak_flops(device_kind: str) -> float | None:

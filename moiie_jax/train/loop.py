@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from moiie_jax import compile_cache
 from moiie_jax.convert import folder as folder_lib
 from moiie_jax.convert import hf as hf_lib
+from moiie_jax.convert import sources
 from moiie_jax.convert import upcycle as upcycle_lib
 from moiie_jax.data import pipeline
 from moiie_jax.models import config as config_lib
@@ -77,6 +78,14 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[LVLMConfig, LVLM, di
   source_cfg, source_model, meta = folder_lib.load_folder(config.init.checkpoint)
   cfg = recipe.model_config(config, base=source_cfg)
   flat = {path: np.asarray(value) for path, value in hf_lib.flat_abstract(source_model).items()}
+  if config.init.get('fresh_connector'):
+    flat = {p: v for p, v in flat.items() if p[0] != 'multi_modal_projector'}
+    flat.update({('multi_modal_projector',) + p: v for p, v in sources.fresh_connector(cfg, config.seed).items()})
+  elif source_cfg.vision.feature_size != cfg.vision.feature_size:
+    raise ConfigError(f'{config.init.checkpoint}: its connector takes {source_cfg.vision.feature_size}-wide image '
+                      f'features (S2 scales {list(source_cfg.vision.s2_scales) or "off"}) and the recipe\'s tower gives '
+                      f'{cfg.vision.feature_size} (S2 scales {list(cfg.vision.s2_scales) or "off"}): set '
+                      f'init.fresh_connector=True to train a new connector, or match model.s2_scales')
   if cfg.llm != source_cfg.llm:
     if source_cfg.llm.moe.is_moe:
       _check_same_experts(config.init.checkpoint, source_cfg.llm, cfg.llm)
@@ -138,7 +147,7 @@ def data_config(config: ml_collections.ConfigDict, cfg: LVLMConfig, tokenizer_pa
   if d.pop('synthetic_demo'):
     from moiie_jax.data import synthetic
     ds = synthetic.make_demo_dataset(os.path.join(workdir, 'data'), seed=int(config.seed), n_train=64, n_eval=16,
-                                     image_size=cfg.vision.image_size)
+                                     image_size=cfg.vision.input_size)
     d.update(json_path=ds.captions_json if cfg.llm.moe.variant == 'dense' else ds.train_json,
              image_folder=ds.image_folder, tokenizer_path=ds.tokenizer_dir)
   for key in ('json_path', 'tfds_dir', 'image_folder'):
@@ -178,7 +187,7 @@ def batch_shapes(cfg: LVLMConfig, batch_size: int, max_length: int) -> dict[str,
   one image each at the tower's size. input_ids / labels / attention_mask int32[B, T], pixel_values f32[B, H, W, C].
   """
   ids = jax.ShapeDtypeStruct((batch_size, max_length), np.int32)
-  size = cfg.vision.image_size
+  size = cfg.vision.input_size  # the largest S2 scale when S2 is on
   return {'input_ids': ids, 'labels': ids, 'attention_mask': ids,
           'pixel_values': jax.ShapeDtypeStruct((batch_size, size, size, cfg.vision.num_channels), np.float32)}
 

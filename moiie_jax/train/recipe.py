@@ -8,11 +8,15 @@ A recipe file is `configs/NAME.py` with `get_config(arg)` returning `base_config
   model.variant             dense | vanilla | modality | moiie (the paper's four layer kinds)
   model.experts, .layout    4 or 8 experts; 'balanced' (2+2+4) or 'unbalanced' (3+3+2) for 8 MoIIE experts
   model.moe.*               MoEConfig overrides (top_k, capacity_factor, placement, first_layer, aux_loss_coef, ...)
+  model.s2_scales           S2 multi-scale features (models/s2.py): None = as the init checkpoint (off from scratch),
+                            () off, (384, 768, 1152) the official scales
   model.dtype               compute dtype (bfloat16 on accelerators; parameters stay float32 masters)
   model.scan_layers, .remat, .remat_policy   execution of the decoder layers (remat_policy: full | minimal | dots,
                             see LLMConfig; the full-size recipes scan their layers and recompute them whole)
   init.checkpoint           a converted-checkpoint folder (python -m moiie_jax.convert, or a previous stage's
                             WORKDIR/final); a dense checkpoint is upcycled when model.variant is an MoE kind
+  init.fresh_connector      initialise the connector afresh instead of taking the checkpoint's (S2 switched on
+                            after a non-S2 stage, as the official scripts do)
   data.*                    moiie_jax.data.pipeline.DataConfig fields (num_image_tokens and image_token_id are
                             filled in from the model)
   optimizer.*               moiie_jax.train.optimizer.get_config fields (stage presets, lrs, schedule, clipping)
@@ -100,9 +104,9 @@ def base_config(stage: str = 'stage2') -> ml_collections.ConfigDict:
       moe=ml_collections.ConfigDict(dict(top_k=2, capacity_factor=0.0, placement='interleaved', first_layer=1,
                                          aux_loss_coef=0.001, aux_loss_scope='global', z_loss_coef=0.0,
                                          modality_rule='all_image')),
-      vision_feature_layer=-2, dtype='bfloat16', scan_layers=False, remat=False, remat_policy='full',
+      vision_feature_layer=-2, s2_scales=None, dtype='bfloat16', scan_layers=False, remat=False, remat_policy='full',
       vocab_size=0))  # 0 = the preset's (from-scratch models size it to their tokenizer)
-  c.init = ml_collections.ConfigDict(dict(checkpoint=''))
+  c.init = ml_collections.ConfigDict(dict(checkpoint='', fresh_connector=False))
   # Device mesh (moiie_jax/parallel/mesh.py): -1 = the rest of the devices. Experts are split over `expert`,
   # parameters FSDP-style over `fsdp` (and `expert` for non-expert weights), the batch over data x fsdp x expert.
   # FSDP over everything by default: fp32 masters + Adam state are 16 bytes per parameter (~125 GB for Phi-3
@@ -145,14 +149,23 @@ def model_config(config: ml_collections.ConfigDict, base: LVLMConfig | None = No
       llm_exec['vocab_size'] = int(m.vocab_size)
     cfg = presets.lvlm_config(m.llm, m.vision, vision_feature_layer=m.vision_feature_layer, **llm_exec)
   else:
-    cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, **llm_exec),
-                              vision=dataclasses.replace(base.vision, dtype=m.dtype))
-  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype=m.dtype))
+    cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, **llm_exec))
+  vision = dict(dtype=m.dtype)
+  if m.get('s2_scales') is not None:
+    vision['s2_scales'] = tuple(int(s) for s in m.s2_scales)
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision))
   cfg.validate()
   return cfg
 
 
 VISION_TOWERS = {'siglip': ('siglip-so400m-384', 'tiny-siglip'), 'clip': ('clip-l-336', 'tiny-clip')}
+S2_CHOICES = ('auto', 'on', 'off', 'official')
+
+
+def s2_scales(tower: str) -> tuple[int, ...]:
+  """The official S2 scales (384, 768, 1152) for a preset tower: its size, twice and three times it."""
+  size = presets.VISION_PRESETS[tower].image_size
+  return (size, 2 * size, 3 * size)
 
 
 def paper_recipe(a: ml_collections.ConfigDict, *, llm: str, template: str) -> ml_collections.ConfigDict:
@@ -162,12 +175,25 @@ def paper_recipe(a: ml_collections.ConfigDict, *, llm: str, template: str) -> ml
   Stage 2: sparse upcycling + everything trains (2e-5, vision tower 2e-6), global batch 128, max length 4096.
   With three_stage: stage 2 is dense SFT of LLM + connector (tower frozen), stage 3 upcycles and trains only the
   experts and routers (paper Table 3; MoE-LLaVA's pipeline).
+
+  S2 multi-scale features (`a.s2`): 'on' in every stage, so stage 1's connector (3 x 1152 wide) carries over;
+  'official' as the authors' scripts do it: stage 1 without S2, then S2 from stage 2 on with a connector trained
+  from scratch there; 'off'; 'auto' (the default) follows the init checkpoint (a converted folder is non-S2
+  unless converted with --s2 or from an S2 Bunny folder). The paper's stage 2 uses S2; the default stays 'auto'
+  (off for a fresh conversion) while the full-size fit roster (bench/RESULTS.md) is compiled without it; S2 runs
+  the tower on 14 tiles per image.
   """
   if a.vision not in VISION_TOWERS:
     raise ValueError(f'config arg vision={a.vision!r}: expected one of {sorted(VISION_TOWERS)}')
   if a.stage not in (1, 2, 3) or (a.stage == 3 and not a.three_stage):
     raise ValueError(f'config arg stage={a.stage}: expected 1 or 2 (or 3 with three_stage=True)')
   moe_stage = 3 if a.three_stage else 2
+  s2 = str(a.get('s2', 'auto')).lower()
+  s2 = {'true': 'on', '1': 'on', 'false': 'off', '0': 'off'}.get(s2, s2)
+  if s2 not in S2_CHOICES:
+    raise ValueError(f'config arg s2={a.s2!r}: expected one of {list(S2_CHOICES)}')
+  if s2 != 'auto' and a.vision != 'siglip':
+    raise ValueError(f'config arg s2={a.s2!r} with vision={a.vision!r}: S2 features are built for the SigLIP tower')
   opt_stage = {1: 'stage1', 2: 'sft_dense' if a.three_stage else 'stage2', 3: 'moe_only'}[a.stage]
   c = base_config(opt_stage)
   full, tiny = VISION_TOWERS[a.vision]
@@ -192,6 +218,14 @@ def paper_recipe(a: ml_collections.ConfigDict, *, llm: str, template: str) -> ml
   c.model.scan_layers = True
   c.model.remat = True
   c.model.remat_policy = 'full'
+  tower = tiny if a.runlocal else full
+  if s2 == 'on' or (s2 == 'official' and a.stage >= 2):
+    c.model.s2_scales = s2_scales(tower)
+    # The connector's input widens to 3 x the tower's: trained from scratch where S2 starts (stage 1 always
+    # starts from a fresh connector; 'official' switches S2 on at stage 2).
+    c.init.fresh_connector = a.stage == 1 or (s2 == 'official' and a.stage == 2)
+  elif s2 == 'off' or (s2 == 'official' and a.stage == 1):
+    c.model.s2_scales = ()
   if a.runlocal:
     c.model.llm = presets.TINY_LLM[llm]
     c.model.vision = tiny

@@ -8,6 +8,10 @@ Formats:
              placeholder) that transformers loads and runs with our logits; dense checkpoints. Not written: a
              processor_config.json and an `<image>` token in the tokenizer (LlavaProcessor needs both).
   hf-llm     the language model alone as its HF ...ForCausalLM (LLaMA, Phi-3, Phi-2, StableLM, Qwen2); dense.
+  moiie      a folder the official MoIIE code (Bunny codebase) loads: bunny-mm-phi3-moe-s / bunny-mm-llama3-moe-s
+             for a Phi-3 / LLaMA-3 MoIIE with 1 + 2 + 1 experts at the odd layers, bunny-phi3 / bunny-llama for a
+             dense one; every config field its config classes read, S2 or not, the tower inside
+             (unfreeze_vision_tower), safetensors shards, the tokenizer files.
   moe-llava  a folder MoE-LLaVA's PyTorch code loads (its model_type, `mm_*` fields and `moe` block, its key names),
              from a vanilla-MoE or dense Phi-2 / StableLM checkpoint (e.g. one converted from MoE-LLaVA and
              fine-tuned here).
@@ -21,7 +25,7 @@ import json
 import os
 import sys
 
-FORMATS = ('llava-hf', 'hf-llm', 'moe-llava')
+FORMATS = ('llava-hf', 'hf-llm', 'moiie', 'moe-llava')
 
 
 def _generation_config(checkpoint: str, suppress: list[int]) -> dict:
@@ -52,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--checkpoint', required=True, help='a moiie_jax checkpoint folder (python -m moiie_jax.convert)')
   p.add_argument('--format', required=True, choices=FORMATS)
   p.add_argument('--out', required=True, help='output folder')
-  p.add_argument('--image-tower', default='', help="moe-llava: the tower's Hub name recorded as mm_image_tower "
-                                                   "(e.g. openai/clip-vit-large-patch14-336); default: the source's")
+  p.add_argument('--image-tower', default='', help="moiie / moe-llava: the tower's Hub name recorded as "
+                                                   "mm_vision_tower / mm_image_tower (e.g. google/siglip-so400m-"
+                                                   "patch14-384); default: the source's")
   p.add_argument('--max-shard-gb', type=float, default=5.0, help='safetensors shard size (save_pretrained: 5)')
   p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out folder')
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moiie_jax.convert import folder, hf, moe_llava, sources  # pylint: disable=import-outside-toplevel
+  from moiie_jax.convert import bunny, folder, hf, moe_llava, sources  # pylint: disable=import-outside-toplevel
   from moiie_jax.convert.errors import ConvertError  # pylint: disable=import-outside-toplevel
   from moiie_jax.models.config import ConfigError  # pylint: disable=import-outside-toplevel
   try:
@@ -67,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = {}
     if args.format == 'moe-llava':
       hf_cfg, tensors = moe_llava.to_moe_llava(cfg, flat, args.image_tower or meta.get('image_tower', ''))
+    elif args.format == 'moiie':
+      hf_cfg, tensors = bunny.to_bunny(cfg, flat, args.image_tower or meta.get('image_tower', ''),
+                                       pad_to_square=bool(meta.get('pad_to_square', True)))
     elif args.format == 'hf-llm':
       hf_cfg, tensors = sources.to_hf_llm(cfg, flat)
     else:

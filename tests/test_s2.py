@@ -20,40 +20,12 @@ from moiie_jax.models import s2
 from moiie_jax.models.config import ConfigError, LVLMConfig, VisionConfig, vision_from_hf
 from moiie_jax.models.vision import VisionTower
 from moiie_jax.train import loop, recipe
+from torch_s2 import torch_s2_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHI3 = os.path.join(ROOT, 'configs', 'phi3_mini_moiie.py')
 TOL = 1e-4
 SCALES = (32, 64, 96)
-
-
-# ------------------------------------------------------------------------------ the reference, in PyTorch
-def _split_chessboard(x, n):
-  """[B, C, H, W] -> [n * n * B, C, H / n, W / n], tile-major (the official s2wrapper's order)."""
-  h, w = x.shape[2] // n, x.shape[3] // n
-  return torch.cat([x[:, :, i * h:(i + 1) * h, j * w:(j + 1) * w] for i in range(n) for j in range(n)], dim=0)
-
-
-def _merge_chessboard(x, n):
-  b = x.shape[0] // (n * n)
-  return torch.cat([torch.cat([x[(i * n + j) * b:(i * n + j + 1) * b] for j in range(n)], dim=-1)
-                    for i in range(n)], dim=-2)
-
-
-def _torch_s2(model, images, scales):
-  """images [B, C, S, S] -> [B, g^2, len(scales) * D]: hidden state -2 of every tile, merged, area-pooled."""
-  outs = []
-  for size in scales:
-    x = F.interpolate(images.float(), size=size, mode='bicubic')
-    n = size // scales[0]
-    with torch.no_grad():
-      y = model(pixel_values=_split_chessboard(x, n), output_hidden_states=True).hidden_states[-2]
-    g = int(y.shape[1] ** 0.5)
-    y = y.transpose(1, 2).reshape(y.shape[0], -1, g, g)  # b (h w) c -> b c h w
-    outs.append(_merge_chessboard(y, n))
-  size = outs[0].shape[-2]
-  out = torch.cat([F.interpolate(o.float(), size=size, mode='area') for o in outs], dim=1)
-  return out.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
 
 
 @pytest.fixture(scope='module')
@@ -90,7 +62,7 @@ def test_s2_features_equal_the_pytorch_reference(tower):
   hf, cfg, ours = tower
   assert (cfg.input_size, cfg.feature_size, cfg.tiles_per_image) == (96, 96, 14)
   images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
-  want = _torch_s2(hf, images, SCALES)
+  want = torch_s2_features(hf, images, SCALES)
   got = ours.features(jnp.asarray(images.permute(0, 2, 3, 1).numpy()), -2)
   assert got.shape == (2, cfg.num_patches, 3 * cfg.hidden_size) == tuple(want.shape)
   assert float(np.abs(np.asarray(got) - want.numpy()).max()) <= TOL

@@ -3,6 +3,7 @@
     python -m moiie_jax.convert --llm HF_LLM_DIR --vision HF_VISION_DIR --out DIR [--template phi3] [--s2]
     python -m moiie_jax.convert --llava HF_LLAVA_DIR --out DIR
     python -m moiie_jax.convert --moe-llava MOE_LLAVA_DIR [--vision HF_VISION_DIR] --out DIR
+    python -m moiie_jax.convert --moiie BUNNY_DIR [--vision HF_VISION_DIR] --out DIR   (the official MoIIE code's)
 
 Writes DIR/config.json, DIR/params (Orbax), DIR/meta.json and the tokenizer files, atomically: on any error
 it prints one line naming what was wrong, exits non-zero and leaves no partial folder.
@@ -24,8 +25,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   src.add_argument('--llava', help='HF LLaVA folder (LlavaForConditionalGeneration)')
   src.add_argument('--moe-llava', help='a MoE-LLaVA folder (its MoE stage-3 or dense stage-2 models: Phi-2, '
                                       'StableLM, Qwen)')
+  src.add_argument('--moiie', help='an official MoIIE (Bunny-format) folder: bunny-mm-phi3-moe-s, '
+                                   'bunny-mm-llama3-moe-s, or the dense bunny-phi3 / bunny-llama')
   p.add_argument('--vision', help='HF vision folder (SiglipVisionModel/SiglipModel/CLIPVisionModel/CLIPModel); '
-                                  'with --moe-llava, the tower when the checkpoint lacks it or names an unknown one')
+                                  'with --moe-llava / --moiie, the tower when the checkpoint lacks it or names an '
+                                  'unknown one')
   p.add_argument('--out', required=True, help='output checkpoint folder')
   p.add_argument('--template', default=None,
                  help='chat template name stored in meta.json (phi3, llama3, moe_llava, plain); default from the LLM '
@@ -44,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   if args.llm and not args.vision:
     p.error('--llm needs --vision')
   if args.llava and args.vision:
-    p.error('--vision goes with --llm or --moe-llava, not with --llava')
+    p.error('--vision goes with --llm, --moe-llava or --moiie, not with --llava')
   if args.s2 is not None and not args.llm:
     p.error('--s2 goes with --llm/--vision (a converted LLaVA or MoE-LLaVA folder keeps its own features)')
   if args.s2 not in (None, 'official'):
@@ -68,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.llava:
       cfg, state = sources.from_llava(args.llava)
       tokenizer_dir, source = args.llava, {'llava': args.llava}
+    elif args.moiie:
+      cfg, state, notes = sources.from_moiie(args.moiie, args.vision)
+      tokenizer_dir, source = args.moiie, {'moiie': args.moiie}
+      source_cfg = hf.read_config(args.moiie)
+      tower = source_cfg.get('mm_vision_tower')
+      notes_meta = {'pad_to_square': source_cfg.get('image_aspect_ratio', 'pad') == 'pad'}
     elif args.moe_llava:
       cfg, state, notes = sources.from_moe_llava(args.moe_llava, args.vision)
       tokenizer_dir, source = args.moe_llava, {'moe_llava': args.moe_llava}

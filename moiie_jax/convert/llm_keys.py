@@ -17,13 +17,14 @@ error naming it.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.models.config import LLMConfig
 from moiie_jax.models.decoder import layer_location
+from moiie_jax.models.routing import router_ranges
 
 HF_LAYOUTS = {
     'causal_lm': ('model.', 'lm_head.weight'),
@@ -270,3 +271,92 @@ def llm_params_to_hf(flat: Mapping[tuple, Any], cfg: LLMConfig, decoder_prefix: 
   if unused:
     raise ConvertError(f'parameters {unused[:5]} have no HF name in a dense {cfg.architecture} checkpoint')
   return out
+
+
+# ------------------------------------------------------------------------------------------------ experts
+# How a checkpoint format names one expert tensor (i layer, j expert, name the dense MLP's tensor, leaf weight|bias)
+# or, with j None, a router (name the router's HF name, leaf 'weight').
+ExpertKey = Callable[[int, 'int | None', str, str], str]
+
+
+def router_widths(cfg: LLMConfig) -> dict[str, int]:
+  """Our routers of an MoE layer and how many experts each scores: 'gate' (textual, or vanilla's only one) and,
+  unless vanilla, 'gate_vis' (visual)."""
+  (t0, t1), (v0, v1) = router_ranges(cfg.moe)
+  return {'gate': t1 - t0, **({} if cfg.moe.variant == 'vanilla' else {'gate_vis': v1 - v0})}
+
+
+def experts_from_hf(found: Mapping[tuple, np.ndarray], cfg: LLMConfig, where: str, key_of: ExpertKey,
+                    routers: Mapping[str, str], count_field: str, layers_field: str) -> dict[tuple, np.ndarray]:
+  """The MoE layers' stacked experts and routers at looped paths ('model', 'layers', i, 'mlp', ...).
+
+  found: (i, j, name, leaf) -> array for every expert tensor and (i, None, hf_router, 'weight') for the routers;
+  routers: HF router name -> ours ('gate' / 'gate_vis'). A missing, extra or mis-shaped tensor is a ConvertError
+  naming its key (`key_of`); `count_field` / `layers_field` name the config fields the counts and layers came from.
+  """
+  e = cfg.moe.n_experts
+  shapes = mlp_tensor_shapes(cfg)
+  layers = set(cfg.moe_layers)
+  stray = sorted({i for i, *_ in found} - layers)
+  if stray:
+    raise ConvertError(f'{where}: layer {stray[0]} has expert tensors but is not an MoE layer ({layers_field}: '
+                       f'{sorted(layers)})')
+  widths = router_widths(cfg)
+  out = {}
+  for i in sorted(layers):
+    present = sorted({j for (li, j, *_) in found if li == i and j is not None})
+    if present and present != list(range(len(present))):
+      missing = sorted(set(range(max(present) + 1)) - set(present))
+      raise ConvertError(f'{where}: {key_of(i, missing[0], "*", "*")} is missing')
+    if len(present) != e:
+      raise ConvertError(f'{where}: layer {i} holds {len(present)} experts but {count_field} says {e}')
+    base = ('model', 'layers', i, 'mlp')
+    for hf_name, ours in routers.items():
+      key = key_of(i, None, hf_name, 'weight')
+      w = found.get((i, None, hf_name, 'weight'))
+      if w is None:
+        raise ConvertError(f'{where}: {key} is missing')
+      if tuple(w.shape) != (widths[ours], cfg.hidden_size):
+        raise ConvertError(f'{where}: {key}: shape {tuple(w.shape)}, expected {(widths[ours], cfg.hidden_size)}')
+      out[base + (ours, 'kernel')] = np.asarray(w).T
+    extra_routers = sorted({n for (li, j, n, _) in found if li == i and j is None} - set(routers))
+    if extra_routers:
+      raise ConvertError(f'{where}: {key_of(i, None, extra_routers[0], "weight")}: no rule maps this router '
+                         f'(expected {sorted(routers)})')
+    for name, (w_shape, b_shape) in shapes.items():
+      for leaf, want in (('weight', w_shape), ('bias', b_shape)):
+        if want is None:
+          continue
+        arrays = []
+        for j in range(e):
+          a = found.get((i, j, name, leaf))
+          if a is None:
+            raise ConvertError(f'{where}: {key_of(i, j, name, leaf)} is missing')
+          if tuple(a.shape) != tuple(want):
+            raise ConvertError(f'{where}: {key_of(i, j, name, leaf)}: shape {tuple(a.shape)}, expected {tuple(want)}')
+          arrays.append(np.asarray(a).T if leaf == 'weight' else np.asarray(a))
+        out[base + ('experts', name, 'kernel' if leaf == 'weight' else 'bias')] = np.stack(arrays)
+    unknown = sorted({(n, leaf) for (li, j, n, leaf) in found if li == i and j is not None}
+                     - {(n, leaf) for n, (_, b) in shapes.items() for leaf in ('weight', 'bias')
+                        if leaf == 'weight' or b is not None})
+    if unknown:
+      raise ConvertError(f'{where}: {key_of(i, 0, *unknown[0])}: not a tensor of the {cfg.architecture} MLP')
+  return out
+
+
+def experts_to_hf(lm: dict, cfg: LLMConfig, key_of: ExpertKey, routers: Mapping[str, str]) -> dict[str, np.ndarray]:
+  """The inverse of `experts_from_hf` for a looped decoder: pops the MoE layers' routers and experts from `lm` (our
+  looped LLM paths) and returns them by HF key."""
+  tensors = {}
+  for i in sorted(cfg.moe_layers):
+    base = ('model', 'layers', i, 'mlp')
+    for hf_name, ours in routers.items():
+      tensors[key_of(i, None, hf_name, 'weight')] = np.ascontiguousarray(_to_numpy(lm.pop(base + (ours, 'kernel'))).T)
+    for name, (_, b_shape) in mlp_tensor_shapes(cfg).items():
+      kernel = _to_numpy(lm.pop(base + ('experts', name, 'kernel')))
+      bias = _to_numpy(lm.pop(base + ('experts', name, 'bias'))) if b_shape is not None else None
+      for j in range(cfg.moe.n_experts):
+        tensors[key_of(i, j, name, 'weight')] = np.ascontiguousarray(kernel[j].T)
+        if bias is not None:
+          tensors[key_of(i, j, name, 'bias')] = bias[j]
+  return tensors

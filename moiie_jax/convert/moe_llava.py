@@ -32,9 +32,9 @@ import numpy as np
 
 from moiie_jax.convert import hf
 from moiie_jax.convert.errors import ConvertError
-from moiie_jax.convert.llm_keys import llm_params_from_hf, llm_params_to_hf, mlp_tensor_shapes
-from moiie_jax.convert.vision_keys import (connector_params_from_hf, connector_params_to_hf, flat_params,
-                                           vision_params_from_hf, vision_params_to_hf)
+from moiie_jax.convert.llm_keys import experts_from_hf, experts_to_hf, llm_params_from_hf, llm_params_to_hf
+from moiie_jax.convert.vision_keys import (connector_params_to_hf, flat_params, image_side_params,
+                                           vision_params_to_hf)
 from moiie_jax.models import config as config_lib
 from moiie_jax.models import presets
 
@@ -215,53 +215,12 @@ def _qwen_key(key: str, value: np.ndarray, llm: dict, where: str) -> None:
                        f'transformer.ln_f, lm_head)')
 
 
-def _experts(moe_tensors: dict, cfg: config_lib.LLMConfig, where: str, prefix: str) -> dict[Path, np.ndarray]:
-  """The MoE layers' stacked experts and routers, looped paths ('model', 'layers', i, 'mlp', ...)."""
-  e = cfg.moe.n_experts
-  shapes = mlp_tensor_shapes(cfg)
-  layers = set(cfg.moe_layers)
-  stray = sorted({i for i, *_ in moe_tensors} - layers)
-  if stray:
-    raise ConvertError(f'{where}: layer {stray[0]} has deepspeed_moe tensors but is not in moe.moe_layers_idx '
-                       f'{sorted(layers)}')
-  out = {}
-  for i in sorted(layers):
-    found = sorted({j for (li, j, *_) in moe_tensors if li == i and j is not None})
-    if found and found != list(range(len(found))):
-      missing = sorted(set(range(max(found) + 1)) - set(found))
-      raise ConvertError(f'{where}: {prefix}layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{missing[0]}.* '
-                         f'is missing')
-    if len(found) != e:
-      raise ConvertError(f'{where}: layer {i} holds {len(found)} experts but config.json moe.num_experts says {e}')
-    gate = moe_tensors.get((i, None, 'gate', 'weight'))
-    if gate is None:
-      raise ConvertError(f'{where}: {prefix}layers.{i}.mlp.deepspeed_moe.gate.wg.weight is missing')
-    if tuple(gate.shape) != (e, cfg.hidden_size):
-      raise ConvertError(f'{where}: {prefix}layers.{i}.mlp.deepspeed_moe.gate.wg.weight: shape {tuple(gate.shape)}, '
-                         f'expected {(e, cfg.hidden_size)}')
-    base = ('model', 'layers', i, 'mlp')
-    out[base + ('gate', 'kernel')] = np.asarray(gate).T
-    for name, (w_shape, b_shape) in shapes.items():
-      for leaf, want in (('weight', w_shape), ('bias', b_shape)):
-        if want is None:
-          continue
-        arrays = []
-        for j in range(e):
-          key = f'{prefix}layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{j}.{name}.{leaf}'
-          a = moe_tensors.get((i, j, name, leaf))
-          if a is None:
-            raise ConvertError(f'{where}: {key} is missing')
-          if tuple(a.shape) != tuple(want):
-            raise ConvertError(f'{where}: {key}: shape {tuple(a.shape)}, expected {tuple(want)}')
-          arrays.append(np.asarray(a).T if leaf == 'weight' else np.asarray(a))
-        out[base + ('experts', name, 'kernel' if leaf == 'weight' else 'bias')] = np.stack(arrays)
-    unknown = sorted({(n, leaf) for (li, j, n, leaf) in moe_tensors if li == i and j is not None}
-                     - {(n, leaf) for n, (_, b) in shapes.items() for leaf in ('weight', 'bias')
-                        if leaf == 'weight' or b is not None})
-    if unknown:
-      raise ConvertError(f'{where}: {prefix}layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.0.'
-                         f'{unknown[0][0]}.{unknown[0][1]}: not a tensor of the {cfg.architecture} MLP')
-  return out
+def _expert_key(prefix: str) -> Any:
+  """Its key of an expert tensor, or (j None) of the router."""
+  def key_of(i: int, j: int | None, name: str, leaf: str) -> str:
+    base = f'{prefix}layers.{i}.mlp.deepspeed_moe.'
+    return base + ('gate.wg.weight' if j is None else f'experts.deepspeed_experts.{j}.{name}.{leaf}')
+  return key_of
 
 
 def read_folder(folder: str, vision_dir: str | None = None) -> tuple[config_lib.LVLMConfig, dict[Path, np.ndarray],
@@ -285,19 +244,13 @@ def read_folder(folder: str, vision_dir: str | None = None) -> tuple[config_lib.
   dense = dataclasses.replace(llm, moe=config_lib.MoEConfig(), scan_layers=False)
   flat = {('language_model',) + p: v for p, v in llm_params_from_hf(
       parts['llm'], dense, without_mlp=llm.moe_layers).items()}
-  flat.update({('language_model',) + p: v for p, v in _experts(parts['moe'], llm, folder, _prefix(fam)).items()})
-  if parts['vision']:
-    vision = vision_params_from_hf(parts['vision'], cfg.vision, strict=True)
-  elif vision_dir:
-    vision = vision_params_from_hf(hf.read_tensors(vision_dir), cfg.vision)
-    notes.append(f'vision tower weights from {vision_dir} (none in the checkpoint)')
-  else:
-    raise ConvertError(f'{folder}: the checkpoint holds no {_prefix(fam)}image_tower.* tensors; pass --vision with '
-                       f'the tower\'s Hugging Face folder')
-  flat.update({('vision_tower',) + p: v for p, v in vision.items()})
-  flat.update({('multi_modal_projector',) + p: v for p, v in connector_params_from_hf(
-      parts['projector'], prefix='', vision_width=cfg.vision.hidden_size, llm_width=llm.hidden_size,
-      bias=True).items()})
+  experts = experts_from_hf(parts['moe'], llm, folder, _expert_key(_prefix(fam)), {'gate': 'gate'},
+                            'config.json moe.num_experts', 'moe.moe_layers_idx')
+  flat.update({('language_model',) + p: v for p, v in experts.items()})
+  flat.update(image_side_params(
+      parts['vision'], parts['projector'], dataclasses.replace(cfg, llm=llm), vision_dir, notes=notes,
+      missing=f'{folder}: the checkpoint holds no {_prefix(fam)}image_tower.* tensors; pass --vision with the '
+              f'tower\'s Hugging Face folder'))
   return cfg, flat, notes
 
 
@@ -341,18 +294,7 @@ def to_moe_llava(cfg: config_lib.LVLMConfig, flat: Mapping[Path, Any],
   lm = {p[1:]: v for p, v in flat.items() if p[0] == 'language_model'}
   tensors: dict[str, np.ndarray] = {}
   moe_layers = set(llm.moe_layers)
-  for i in sorted(moe_layers):
-    base = ('model', 'layers', i, 'mlp')
-    tensors[f'model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight'] = np.ascontiguousarray(lm.pop(base + ('gate',
-                                                                                                       'kernel')).T)
-    for name, (_, b_shape) in mlp_tensor_shapes(llm).items():
-      kernel = lm.pop(base + ('experts', name, 'kernel'))
-      bias = lm.pop(base + ('experts', name, 'bias')) if b_shape is not None else None
-      for j in range(llm.moe.n_experts):
-        key = f'model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{j}.{name}'
-        tensors[key + '.weight'] = np.ascontiguousarray(kernel[j].T)
-        if bias is not None:
-          tensors[key + '.bias'] = bias[j]
+  tensors.update(experts_to_hf(lm, llm, _expert_key('model.'), {'gate': 'gate'}))
   llm_tensors = llm_params_to_hf(lm, dataclasses.replace(llm, moe=config_lib.MoEConfig()), without_mlp=moe_layers)
   bias = llm_tensors.pop('lm_head.bias', None)
   if bias is not None and np.any(bias != 0):

@@ -6,6 +6,7 @@
     keys that `save_pretrained` writes, or the in-memory `model.language_model.*` layout).
 
 (c) A MoE-LLaVA folder (`convert/moe_llava.py`: its MoE or dense models, Phi-2, StableLM or Qwen v1).
+(d) An official MoIIE folder (`convert/bunny.py`: the authors' Bunny-format MoIIE or dense Phi-3 / LLaMA-3 models).
 
 Each returns (LVLMConfig, nnx.State of parameters), checked path by path against `nnx.eval_shape` of the model.
 """
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from moiie_jax.convert import bunny
 from moiie_jax.convert import hf
 from moiie_jax.convert import moe_llava
 from moiie_jax.convert.errors import ConvertError
@@ -119,6 +121,12 @@ def from_llava(llava_dir: str) -> tuple[config_lib.LVLMConfig, nnx.State]:
   return cfg, state
 
 
+def from_moiie(folder: str, vision_dir: str | None = None) -> tuple[config_lib.LVLMConfig, nnx.State, list[str]]:
+  """Source (d): an official MoIIE (Bunny-format) folder (`convert.bunny`); returns the notes of what was filled in."""
+  cfg, flat, notes = bunny.read_folder(folder, vision_dir)
+  return cfg, hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, folder), notes
+
+
 def from_moe_llava(folder: str, vision_dir: str | None = None) -> tuple[config_lib.LVLMConfig, nnx.State, list[str]]:
   """Source (c): a MoE-LLaVA folder (`convert.moe_llava`); returns the notes of what was filled in or resized."""
   cfg, flat, notes = moe_llava.read_folder(folder, vision_dir)
@@ -127,7 +135,8 @@ def from_moe_llava(folder: str, vision_dir: str | None = None) -> tuple[config_l
 
 # ------------------------------------------------------------------------------------------------ to HF
 # What can hold an MoE checkpoint, named in the error a dense-only format gives.
-MOE_FORMATS = 'moe-llava (vanilla MoE, Phi-2 or StableLM); or keep the moiie_jax folder'
+MOE_FORMATS = ('moiie (the official code\'s MoIIE, Phi-3 or LLaMA-3), moe-llava (vanilla MoE, Phi-2 or StableLM); '
+               'or keep the moiie_jax folder')
 
 
 def _looped_llm(cfg: config_lib.LVLMConfig, flat: dict, fmt: str) -> tuple[config_lib.LLMConfig, dict]:

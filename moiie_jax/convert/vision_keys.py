@@ -247,3 +247,23 @@ def connector_params_to_hf(params: Any, prefix: str = 'multi_modal_projector.') 
   v, d = np.shape(flat[('linear_1', 'kernel')])
   table = _connector_table(v, d, ('linear_1', 'bias') in flat)
   return _export(flat, table, prefix, 'connector export')
+
+
+def image_side_params(tower: Mapping[str, np.ndarray], projector: Mapping[str, np.ndarray], cfg: Any,
+                      vision_dir: str | None, missing: str, notes: list[str]) -> dict[Path, np.ndarray]:
+  """An LVLM checkpoint's tower and connector as our flat params ('vision_tower', ...), ('multi_modal_projector',
+  ...). tower: its keys from `vision_model.` on (strict), or, when it holds none, the tensors of `vision_dir` (a
+  note says so); neither is a ConvertError with the message `missing`. projector: `linear_{1,2}.{weight,bias}`
+  keys, checked against cfg (an LVLMConfig: the connector takes cfg.vision.feature_size channels)."""
+  from moiie_jax.convert import hf  # pylint: disable=import-outside-toplevel
+  if tower:
+    vision = vision_params_from_hf(tower, cfg.vision, strict=True)
+  elif vision_dir:
+    vision = vision_params_from_hf(hf.read_tensors(vision_dir), cfg.vision)
+    notes.append(f'vision tower weights from {vision_dir} (none in the checkpoint)')
+  else:
+    raise ConvertError(missing)
+  flat = {('vision_tower',) + p: v for p, v in vision.items()}
+  flat.update({('multi_modal_projector',) + p: v for p, v in connector_params_from_hf(
+      projector, prefix='', vision_width=cfg.vision.feature_size, llm_width=cfg.llm.hidden_size, bias=True).items()})
+  return flat

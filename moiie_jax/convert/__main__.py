@@ -6,7 +6,8 @@
     python -m moiie_jax.convert --moiie BUNNY_DIR [--vision HF_VISION_DIR] --out DIR   (the official MoIIE code's)
 
 Writes DIR/config.json, DIR/params (Orbax), DIR/meta.json and the tokenizer files, atomically: on any error
-it prints one line naming what was wrong, exits non-zero and leaves no partial folder.
+it prints one line naming what was wrong, exits non-zero and leaves no partial folder. The weights are read through
+memory maps and written a layer at a time (convert/streaming.py): memory stays about one layer, whatever the model.
 """
 
 from __future__ import annotations
@@ -70,16 +71,16 @@ def main(argv: list[str] | None = None) -> int:
   try:
     notes, tower, notes_meta = [], None, {}
     if args.llava:
-      cfg, state = sources.from_llava(args.llava)
+      cfg, state = sources.from_llava(args.llava, lazy=True)
       tokenizer_dir, source = args.llava, {'llava': args.llava}
     elif args.moiie:
-      cfg, state, notes = sources.from_moiie(args.moiie, args.vision)
+      cfg, state, notes = sources.from_moiie(args.moiie, args.vision, lazy=True)
       tokenizer_dir, source = args.moiie, {'moiie': args.moiie}
       source_cfg = hf.read_config(args.moiie)
       tower = source_cfg.get('mm_vision_tower')
       notes_meta = {'pad_to_square': source_cfg.get('image_aspect_ratio', 'pad') == 'pad'}
     elif args.moe_llava:
-      cfg, state, notes = sources.from_moe_llava(args.moe_llava, args.vision)
+      cfg, state, notes = sources.from_moe_llava(args.moe_llava, args.vision, lazy=True)
       tokenizer_dir, source = args.moe_llava, {'moe_llava': args.moe_llava}
       tiktoken_file = os.path.join(args.moe_llava, 'qwen.tiktoken')
       if os.path.isfile(tiktoken_file) and not os.path.isfile(os.path.join(args.moe_llava, 'tokenizer.json')):
@@ -101,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         s2 = (size, 2 * size, 3 * size)
       cfg, state = sources.from_llm_and_vision(args.llm, args.vision, image_token_id=args.image_token_id,
                                                vision_feature_layer=args.vision_feature_layer, seed=args.seed,
-                                               s2_scales=s2 or ())
+                                               s2_scales=s2 or (), lazy=True)
       tokenizer_dir, source = args.llm, {'llm': args.llm, 'vision': args.vision}
-    if args.dtype != 'float32':
-      cfg, state = sources.with_param_dtype(cfg, args.dtype), sources.cast_state(state, args.dtype)
+    if args.dtype != 'float32':  # each parameter is cast as it is written
+      cfg = sources.with_param_dtype(cfg, args.dtype)
     template = args.template or ('moe_llava' if args.moe_llava else sources.DEFAULT_TEMPLATES[cfg.llm.architecture])
     out = folder.save_folder(args.out, cfg, state, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite,
                              meta={'template': template, 'source': source, **({'notes': notes} if notes else {}),

@@ -18,21 +18,28 @@ from typing import Any
 from flax import nnx
 
 from moiie_jax.convert import hf
+from moiie_jax.convert import streaming
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.models import config as config_lib
 from moiie_jax.models.lvlm import LVLM
-from moiie_jax.store.params import restore_params, save_params
+from moiie_jax.store.params import restore_params, save_params, save_params_in_groups
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
                    'added_tokens.json', 'chat_template.jinja', 'generation_config.json')
 
 
-def save_folder(out_dir: str, cfg: config_lib.LVLMConfig, params: nnx.State, *, tokenizer_dir: str | None = None,
-                meta: dict[str, Any] | None = None, overwrite: bool = False) -> str:
-  """Writes a complete converted-checkpoint folder at `out_dir` atomically; returns its absolute path."""
+def save_folder(out_dir: str, cfg: config_lib.LVLMConfig, params: nnx.State | streaming.LazyParams, *,
+                tokenizer_dir: str | None = None, meta: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+  """Writes a complete converted-checkpoint folder at `out_dir` atomically; returns its absolute path.
+
+  params: an nnx.State, or `streaming.LazyParams` (written a layer at a time, each parameter cast to the dtype
+  cfg's model gives it)."""
   with hf.atomic_folder(out_dir, overwrite) as tmp:
     config_lib.save_json(cfg, os.path.join(tmp, 'config.json'))
-    save_params(os.path.join(tmp, 'params'), params)
+    if isinstance(params, streaming.LazyParams):
+      save_params_in_groups(os.path.join(tmp, 'params'), params.retarget(cfg, abstract_model).groups())
+    else:
+      save_params(os.path.join(tmp, 'params'), params)
     copied = hf.copy_files(tokenizer_dir, TOKENIZER_FILES, tmp)
     with open(os.path.join(tmp, 'meta.json'), 'w') as f:
       json.dump({**(meta or {}), 'tokenizer_files': copied}, f, indent=2, sort_keys=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -48,14 +49,18 @@ def read_config(folder: str) -> dict[str, Any]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Reads a .safetensors file with numpy alone (bf16 via ml_dtypes, which safetensors' numpy loader lacks)."""
+  """A .safetensors file's tensors as read-only views of one memory map of the file (numpy alone; bf16 via
+  ml_dtypes, which safetensors' numpy loader lacks): nothing is read until a tensor's values are used, and the
+  pages read stay the page cache's (`release` drops them from this process)."""
   try:
     with open(path, 'rb') as f:
       (header_len,) = struct.unpack('<Q', f.read(8))
       header = json.loads(f.read(header_len))
-      data = f.read()
-  except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+    size = os.path.getsize(path)
+  except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
     raise ConvertError(f'{path}: not a readable safetensors file ({e})') from e
+  data_len = size - 8 - header_len
+  data = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + header_len) if data_len > 0 else np.zeros(0, np.uint8)
   out = {}
   for name, info in header.items():
     if name == '__metadata__':
@@ -65,13 +70,13 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
       raise ConvertError(f'{path}: tensor {name} has unsupported dtype {info["dtype"]}')
     start, end = info['data_offsets']
     expected = int(np.prod(info['shape'], dtype=np.int64)) * np.dtype(dtype).itemsize
-    if end > len(data):
+    if end > data_len:
       raise ConvertError(f'{path}: truncated: tensor {name} needs data bytes {start}..{end} but the file holds '
-                         f'{len(data)} after its header (an interrupted download or copy?)')
+                         f'{max(data_len, 0)} after its header (an interrupted download or copy?)')
     if end - start != expected:
       raise ConvertError(f'{path}: tensor {name} has {end - start} bytes for shape {info["shape"]} '
                          f'{info["dtype"]} ({expected} expected): the header is inconsistent')
-    out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info['shape'])
+    out[name] = data[start:end].view(dtype).reshape(info['shape'])
   return out
 
 
@@ -82,16 +87,60 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     raise ConvertError(f'{path}: reading PyTorch .bin checkpoints needs torch (pip install torch), or convert '
                        f'the folder to safetensors first') from e
   try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    try:  # memory-mapped (torch >= 2.1 files): tensors are read when used
+      state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError:  # an old file layout that cannot be mapped: read whole
+      state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises many types for a bad file
     raise ConvertError(f'{path}: not a readable PyTorch checkpoint ({e})') from e
   out = {}
   for name, tensor in state.items():
-    if tensor.dtype == torch.bfloat16:
-      out[name] = tensor.float().numpy().astype(ml_dtypes.bfloat16)
+    if tensor.dtype == torch.bfloat16:  # numpy has no bf16: the same bits, viewed (no copy)
+      out[name] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     else:
       out[name] = tensor.numpy()
   return out
+
+
+def release(arrays: Iterable[Any]) -> None:
+  """Drops from this process the pages of the memory maps behind `arrays` (views `read_tensors` returned): they
+  were read into the page cache and mapped here, counting as this process's memory until released."""
+  maps = {}
+  for a in arrays:
+    while isinstance(a, np.ndarray) and not isinstance(a, np.memmap):
+      a = a.base
+    if isinstance(a, np.memmap) and getattr(a, '_mmap', None) is not None:
+      maps[id(a._mmap)] = a._mmap  # pylint: disable=protected-access
+  for m in maps.values():
+    try:
+      m.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError, AttributeError):
+      pass  # a platform without madvise keeps the pages mapped: only the memory figure differs
+
+
+class Stacked:
+  """np.stack(arrays) made when its values are asked for (`np.asarray`), so a conversion can hold the stacked
+  layers or experts of every parameter without a copy of each until it writes that parameter."""
+
+  def __init__(self, arrays):
+    self.arrays = list(arrays)
+    first = self.arrays[0]
+    self.shape = (len(self.arrays),) + tuple(np.shape(first))
+    self.dtype = np.dtype(getattr(first, 'dtype', np.float32))
+    self.ndim = len(self.shape)
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.empty(self.shape, dtype or self.dtype)
+    for i, a in enumerate(self.arrays):
+      out[i] = a  # cast per slice: no stacked copy in the source dtype
+    return out
+
+  def sources(self) -> list:
+    return self.arrays
+
+
+def stack(arrays) -> Stacked:
+  return Stacked(arrays)
 
 
 def read_tensors(folder: str) -> dict[str, np.ndarray]:
@@ -256,7 +305,7 @@ def build_state(abstract_model: Any, flat: Mapping[Path, np.ndarray], where: str
   items = []
   for path, var in nnx.to_flat_state(state):
     path = tuple(path)
-    var = var.replace(jax.numpy.asarray(np.asarray(flat[path]).astype(abstract[path].dtype)))
+    var = var.replace(jax.numpy.asarray(np.asarray(flat[path], dtype=abstract[path].dtype)))
     items.append((path, var))
   return nnx.from_flat_state(items)
 

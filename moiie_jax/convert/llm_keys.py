@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from moiie_jax.convert.errors import ConvertError
+from moiie_jax.convert.hf import stack
 from moiie_jax.models.config import LLMConfig
 from moiie_jax.models.decoder import layer_location
 from moiie_jax.models.routing import router_ranges
@@ -193,7 +194,7 @@ def llm_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: LLMConfig, decode
     raise ConvertError(f'missing HF keys {missing[:5]}{more} (decoder_prefix={decoder_prefix!r}, '
                        f'lm_head_key={lm_head_key!r})')
   for path, by_index in stacked.items():
-    out[path] = np.stack([by_index[b] for b in range(len(by_index))])
+    out[path] = stack([by_index[b] for b in range(len(by_index))])  # made when written
   return out
 
 
@@ -335,7 +336,7 @@ def experts_from_hf(found: Mapping[tuple, np.ndarray], cfg: LLMConfig, where: st
           if tuple(a.shape) != tuple(want):
             raise ConvertError(f'{where}: {key_of(i, j, name, leaf)}: shape {tuple(a.shape)}, expected {tuple(want)}')
           arrays.append(np.asarray(a).T if leaf == 'weight' else np.asarray(a))
-        out[base + ('experts', name, 'kernel' if leaf == 'weight' else 'bias')] = np.stack(arrays)
+        out[base + ('experts', name, 'kernel' if leaf == 'weight' else 'bias')] = stack(arrays)  # made when written
     unknown = sorted({(n, leaf) for (li, j, n, leaf) in found if li == i and j is not None}
                      - {(n, leaf) for n, (_, b) in shapes.items() for leaf in ('weight', 'bias')
                         if leaf == 'weight' or b is not None})

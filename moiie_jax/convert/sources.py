@@ -8,7 +8,8 @@
 (c) A MoE-LLaVA folder (`convert/moe_llava.py`: its MoE or dense models, Phi-2, StableLM or Qwen v1).
 (d) An official MoIIE folder (`convert/bunny.py`: the authors' Bunny-format MoIIE or dense Phi-3 / LLaMA-3 models).
 
-Each returns (LVLMConfig, nnx.State of parameters), checked path by path against `nnx.eval_shape` of the model.
+Each returns (LVLMConfig, nnx.State of parameters), checked path by path against `nnx.eval_shape` of the model; with
+lazy=True the parameters are `streaming.LazyParams` instead, read and written a layer at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flax import nnx
 from moiie_jax.convert import bunny
 from moiie_jax.convert import hf
 from moiie_jax.convert import moe_llava
+from moiie_jax.convert import streaming
 from moiie_jax.convert.errors import ConvertError
 from moiie_jax.convert.llm_keys import llm_params_from_hf, llm_params_to_hf
 from moiie_jax.convert.vision_keys import (connector_params_from_hf, connector_params_to_hf, flat_params,
@@ -38,6 +40,13 @@ DEFAULT_TEMPLATES = {'phi3': 'phi3', 'llama': 'llama3', 'phi': 'moe_llava', 'sta
                      'qwen2': 'moe_llava'}
 VISION_ARCHITECTURES = ('SiglipVisionModel', 'SiglipModel', 'CLIPVisionModel', 'CLIPModel')
 LLAVA_ARCHITECTURES = ('LlavaForConditionalGeneration',)
+
+
+def _finish(cfg: config_lib.LVLMConfig, flat: dict, where: str, lazy: bool) -> Any:
+  """The converted parameters checked against the model: an nnx.State, or (lazy) `streaming.LazyParams` that
+  `folder.save_folder` writes a layer at a time without ever holding the whole model."""
+  abstract = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0)))
+  return streaming.LazyParams.build(abstract, flat, where, cfg) if lazy else hf.build_state(abstract, flat, where)
 
 
 def _check_architecture(folder: str, hf_cfg: dict[str, Any], allowed: tuple[str, ...]) -> str:
@@ -63,7 +72,7 @@ def fresh_connector(cfg: config_lib.LVLMConfig, seed: int) -> dict:
 
 def from_llm_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int | None = None,
                         vision_feature_layer: int = -2, seed: int = 0,
-                        s2_scales: tuple[int, ...] = ()) -> tuple[config_lib.LVLMConfig, nnx.State]:
+                        s2_scales: tuple[int, ...] = (), lazy: bool = False) -> tuple[config_lib.LVLMConfig, Any]:
   """Source (a): an LLM folder + a vision folder; the connector is freshly initialised from `seed` (for S2
   features when `s2_scales` is set: 3 x the tower's width for the official 384, 768, 1152)."""
   llm_hf = hf.read_config(llm_dir)
@@ -82,11 +91,10 @@ def from_llm_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int | 
   flat.update(_prefixed(('language_model',), llm_params_from_hf(llm_tensors, cfg.llm)))
   flat.update(_prefixed(('vision_tower',), vision_params_from_hf(vision_tensors, cfg.vision)))
   flat.update(_prefixed(('multi_modal_projector',), fresh_connector(cfg, seed)))
-  state = hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, f'{llm_dir} + {vision_dir}')
-  return cfg, state
+  return cfg, _finish(cfg, flat, f'{llm_dir} + {vision_dir}', lazy)
 
 
-def from_llava(llava_dir: str) -> tuple[config_lib.LVLMConfig, nnx.State]:
+def from_llava(llava_dir: str, lazy: bool = False) -> tuple[config_lib.LVLMConfig, Any]:
   """Source (b): a LlavaForConditionalGeneration folder (legacy or current key layout)."""
   hf_cfg = hf.read_config(llava_dir)
   _check_architecture(llava_dir, hf_cfg, LLAVA_ARCHITECTURES)
@@ -117,20 +125,21 @@ def from_llava(llava_dir: str) -> tuple[config_lib.LVLMConfig, nnx.State]:
                                                                 lm_head_key=lm_head)))
   flat.update(_prefixed(('vision_tower',), vision_params_from_hf(groups['vision'], cfg.vision)))
   flat.update(_prefixed(('multi_modal_projector',), connector_params_from_hf(groups['projector'], prefix='')))
-  state = hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, llava_dir)
-  return cfg, state
+  return cfg, _finish(cfg, flat, llava_dir, lazy)
 
 
-def from_moiie(folder: str, vision_dir: str | None = None) -> tuple[config_lib.LVLMConfig, nnx.State, list[str]]:
+def from_moiie(folder: str, vision_dir: str | None = None,
+               lazy: bool = False) -> tuple[config_lib.LVLMConfig, Any, list[str]]:
   """Source (d): an official MoIIE (Bunny-format) folder (`convert.bunny`); returns the notes of what was filled in."""
   cfg, flat, notes = bunny.read_folder(folder, vision_dir)
-  return cfg, hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, folder), notes
+  return cfg, _finish(cfg, flat, folder, lazy), notes
 
 
-def from_moe_llava(folder: str, vision_dir: str | None = None) -> tuple[config_lib.LVLMConfig, nnx.State, list[str]]:
+def from_moe_llava(folder: str, vision_dir: str | None = None,
+                   lazy: bool = False) -> tuple[config_lib.LVLMConfig, Any, list[str]]:
   """Source (c): a MoE-LLaVA folder (`convert.moe_llava`); returns the notes of what was filled in or resized."""
   cfg, flat, notes = moe_llava.read_folder(folder, vision_dir)
-  return cfg, hf.build_state(nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0))), flat, folder), notes
+  return cfg, _finish(cfg, flat, folder, lazy), notes
 
 
 # ------------------------------------------------------------------------------------------------ to HF
@@ -197,11 +206,6 @@ def to_llava(cfg: config_lib.LVLMConfig, flat) -> tuple[dict[str, Any], dict[str
   tensors.update(connector_params_to_hf({p[1:]: v for p, v in flat.items() if p[0] == 'multi_modal_projector'}))
   hf_cfg = config_lib.lvlm_to_hf_llava(dataclasses.replace(cfg, llm=llm), image_id)
   return hf_cfg, tensors, suppress
-
-
-def cast_state(state: nnx.State, dtype: str) -> nnx.State:
-  """All floating parameters cast to `dtype` (the converter stores fp32 unless asked otherwise)."""
-  return jax.tree.map(lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, state)
 
 
 def with_param_dtype(cfg: config_lib.LVLMConfig, dtype: str) -> config_lib.LVLMConfig:

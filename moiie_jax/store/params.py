@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -139,6 +139,22 @@ def save_params(path: str | epath.PathLike, state: Any, force: bool = False) -> 
     raise CheckpointError(f'save_params: expected a pytree of arrays for {path}, got {type(state).__name__}')
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, encode_keys(state), force=force)
+
+
+def save_params_in_groups(path: str | epath.PathLike, groups: Iterable[Any]) -> None:
+  """Saves the union of `groups` (disjoint pytrees of arrays, e.g. nnx.States of a model's layers) as one Orbax
+  params checkpoint at `path`, writing each group as it comes (Orbax's partial save), so that only one group is in
+  memory at a time. `restore_params` reads it like a `save_params` checkpoint."""
+  from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=import-outside-toplevel
+  path = epath.Path(path)
+  if path.exists():
+    raise CheckpointError(f'save_params_in_groups: {path} already exists')
+  staging = path.parent / (path.name + '.groups')
+  for group in groups:
+    partial.save(staging, encode_keys(group))
+  partial.finalize(staging)
+  (staging / 'state').rename(path)  # the pytree Orbax wrote; the rest is its session's bookkeeping
+  staging.rmtree()
 
 
 def restore_params(path: str | epath.PathLike, abstract_state: Any) -> Any:

@@ -3,10 +3,10 @@
     python -m moiie_jax.export --checkpoint DIR --format FORMAT --out OUT
 
 Formats:
-  llava-hf   a LlavaForConditionalGeneration folder (config, sharded safetensors, tokenizer files, the image
-             processor's preprocessor_config.json, a generation_config.json that never samples the image
-             placeholder) that transformers loads and runs with our logits; dense checkpoints. Not written: a
-             processor_config.json and an `<image>` token in the tokenizer (LlavaProcessor needs both).
+  llava-hf   a LlavaForConditionalGeneration folder (config, sharded safetensors, the tokenizer with an `<image>`
+             token at the placeholder's id, the image processor's preprocessor_config.json, processor_config.json
+             for LlavaProcessor, a generation_config.json that never samples the image placeholder) that
+             transformers loads and runs with our logits; dense checkpoints.
   hf-llm     the language model alone as its HF ...ForCausalLM (LLaMA, Phi-3, Phi-2, StableLM, Qwen2); dense.
   moiie      a folder the official MoIIE code (Bunny codebase) loads: bunny-mm-phi3-moe-s / bunny-mm-llama3-moe-s
              for a Phi-3 / LLaMA-3 MoIIE with 1 + 2 + 1 experts at the odd layers, bunny-phi3 / bunny-llama for a
@@ -51,6 +51,50 @@ def _preprocessor_config(cfg) -> dict:
               crop_size=dict(height=ic.height, width=ic.width), **common)
 
 
+IMAGE_TOKEN = '<image>'
+
+
+def _processor_files(checkpoint: str, cfg, hf_cfg: dict) -> dict:
+  """What `LlavaProcessor.from_pretrained` needs beside the image processor: processor_config.json and a tokenizer
+  that knows the image token. Our placeholder id lies past the tokenizer's vocabulary (vocab_size, the embedding row
+  the export adds), so `<image>` is added there as a special token; a checkpoint whose placeholder is already a
+  tokenizer token (converted from llava-hf) keeps it. {} when the checkpoint has no tokenizer.json."""
+  path = os.path.join(checkpoint, 'tokenizer.json')
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    tokenizer = json.load(f)
+  image_id = hf_cfg['image_token_index']
+  token = {'id': image_id, 'content': IMAGE_TOKEN, 'single_word': False, 'lstrip': False, 'rstrip': False,
+           'normalized': False, 'special': True}
+  known = {t['id']: t['content'] for t in tokenizer.get('added_tokens') or []}
+  vocab = (tokenizer.get('model') or {}).get('vocab')
+  if isinstance(vocab, dict):
+    known.update({i: t for t, i in vocab.items()})
+  out = {}
+  image_token = known.get(image_id)
+  if image_token is None:
+    if IMAGE_TOKEN in known.values():
+      from moiie_jax.convert.errors import ConvertError  # pylint: disable=import-outside-toplevel
+      raise ConvertError(f'{path}: holds {IMAGE_TOKEN!r} at another id than the image placeholder {image_id}')
+    tokenizer['added_tokens'] = list(tokenizer.get('added_tokens') or []) + [token]
+    out['tokenizer.json'] = tokenizer
+    image_token = IMAGE_TOKEN
+    config_path = os.path.join(checkpoint, 'tokenizer_config.json')
+    if os.path.isfile(config_path):
+      with open(config_path) as f:
+        tok_cfg = json.load(f)
+      decoder = dict(tok_cfg.get('added_tokens_decoder') or {})
+      decoder[str(image_id)] = {k: v for k, v in token.items() if k != 'id'}
+      out['tokenizer_config.json'] = {**tok_cfg, 'added_tokens_decoder': decoder}
+  v = cfg.vision
+  out['processor_config.json'] = dict(
+      processor_class='LlavaProcessor', image_token=image_token, patch_size=v.patch_size,
+      vision_feature_select_strategy=hf_cfg['vision_feature_select_strategy'],
+      num_additional_image_tokens=int(v.has_class_token))
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog='python -m moiie_jax.export', description=__doc__.split('\n')[0])
   p.add_argument('--checkpoint', required=True, help='a moiie_jax checkpoint folder (python -m moiie_jax.convert)')
@@ -81,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
       hf_cfg, tensors, suppress = sources.to_llava(cfg, flat)
       extra['generation_config.json'] = _generation_config(args.checkpoint, suppress)
       extra['preprocessor_config.json'] = _preprocessor_config(cfg)
+      extra.update(_processor_files(args.checkpoint, cfg, hf_cfg))
     out = hf.write_folder(args.out, hf_cfg, tensors, copy_from=args.checkpoint, files=folder.TOKENIZER_FILES,
                           extra_json=extra, max_shard_bytes=int(args.max_shard_gb * 2 ** 30),
                           overwrite=args.overwrite)

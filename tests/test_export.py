@@ -33,11 +33,21 @@ def _phi3_and_siglip(tmp_path):
       hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
       patch_size=8)).eval()
   llm.save_pretrained(tmp_path / 'llm')
+  _word_tokenizer().save_pretrained(tmp_path / 'llm')
   vision.save_pretrained(tmp_path / 'vision')
   out = str(tmp_path / 'ours')
   assert convert_cli.main(['--llm', str(tmp_path / 'llm'), '--vision', str(tmp_path / 'vision'), '--out', out,
                            '--seed', '3']) == 0
   return out
+
+
+def _word_tokenizer():
+  """A WordLevel tokenizer over the tiny vocabulary: w0 .. w95 (w0 unknown, w1 BOS, w2 EOS)."""
+  import tokenizers
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f'w{i}': i for i in range(V)}, unk_token='w0'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='w0', bos_token='w1', eos_token='w2',
+                                              pad_token='w0')
 
 
 def _inputs(cfg, rng):
@@ -86,6 +96,17 @@ def test_llava_hf_export_runs_in_transformers_with_our_logits(tmp_path):
   hf_pixels = processor(image, return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
   ours_pixels = images.preprocess(image, images.config_for_tower('siglip', 16))
   assert np.abs(hf_pixels - ours_pixels).max() <= 1e-5
+  # LlavaProcessor from the folder: `<image>` expands to the image's tokens at our placeholder id, and the model
+  # run on what it makes gives our logits.
+  llava_processor = transformers.AutoProcessor.from_pretrained(out)
+  assert type(llava_processor).__name__ == 'LlavaProcessor'
+  batch = llava_processor(images=image, text='w5 <image> w7 w9', return_tensors='pt')
+  ids = batch['input_ids'].numpy()
+  assert ids[0].tolist() == [5] + [cfg.image_token_id] * cfg.num_image_tokens + [7, 9]
+  with torch.no_grad():
+    want = hf_model(**batch).logits.numpy()
+  got = np.asarray(model(jnp.asarray(ids, jnp.int32), jnp.asarray(ours_pixels[None])).logits)
+  assert np.abs(got - want[..., :V]).max() <= 1e-4
 
 
 def test_llava_folder_round_trips_and_the_llm_exports_alone(tmp_path):

@@ -42,6 +42,8 @@ RECIPES = {
     'phi3-s2-moiie-all': ('configs/phi3_mini_moiie.py:stage=2,placement=all', []),
     'llama3-s2-moiie': ('configs/llama3_8b_moiie.py:stage=2', []),
     'moe-llava-s3': ('configs/moe_llava.py', []),
+    # The paper's stage 2 with S2 features (the tower on 14 tiles per image, a 3456-wide connector).
+    'phi3-s2-moiie-s2': ('configs/phi3_mini_moiie.py:stage=2,s2=on', []),
     # Expert parallelism (capacity 1.0, so all-to-all bytes can be set against the routed rows' minimum).
     'phi3-s2-moiie-ep4': ('configs/phi3_mini_moiie.py:stage=2',
                           ['--config.mesh.expert=4', '--config.model.moe.capacity_factor=1.0']),

@@ -7,6 +7,10 @@
     --config configs/phi3_mini_moiie.py:stage=2,placement=all      Table 4: MoE in every layer
     --config configs/phi3_mini_moiie.py:stage=2,aux=0.01           Table 4: load-balance coefficient ablation
     --config configs/phi3_mini_moiie.py:stage=2,vision=clip        Appendix A.4: CLIP ViT-L/14-336
+    --config configs/phi3_mini_moiie.py:stage=1,s2=on              S2 multi-scale SigLIP features in both stages
+                                                                   (s2=official: from stage 2, fresh connector, as
+                                                                   the authors' scripts; default auto: as the init
+                                                                   checkpoint, so off for a plain conversion)
     --config configs/phi3_mini_moiie.py:stage=2,three_stage=True   Table 3: dense SFT, then stage=3 MoE-only
     ...,runlocal=True                                              tiny shapes and the synthetic demo data: seconds
 

@@ -61,11 +61,6 @@ class LazyParams:
     hf.check_paths(self.flat, hf.flat_abstract(abstract), 'retarget')
     return LazyParams(abstract, self.flat, cfg)
 
-  def nbytes(self) -> int:
-    """Bytes of the written parameters."""
-    return sum(int(np.prod(v.get_value().shape)) * np.dtype(v.get_value().dtype).itemsize
-               for _, v in nnx.to_flat_state(self.abstract))
-
   def groups(self) -> Iterator[nnx.State]:
     """nnx.States of numpy arrays in the abstract model's dtypes, one per group, in the model's order."""
     by_group: dict[Path, list] = {}

@@ -222,3 +222,29 @@ def test_bad_prompts_name_the_item(model, tmp_path):
   ids, pixels = g.encode(gen.Prompt('What?', np.zeros((IMAGE, IMAGE, 3), np.uint8)))
   assert ids[0] == tok.bos_id and (ids == VOCAB).sum() == 4 and pixels.shape == (IMAGE, IMAGE, 3)
   assert g.eos_ids == (2,)
+
+
+@pytest.mark.parametrize('sampling', [gen.SamplingConfig(), gen.SamplingConfig(temperature=0.8, top_p=0.9, seed=3)])
+def test_stream_yields_generate_ids_tokens_as_they_come(model, batch, sampling):
+  seqs, pixels = batch
+  ids, mask = gen.left_pad(seqs, 0)
+  kw = dict(max_new_tokens=7, sampling=sampling, eos_ids=(5,), rng=jax.random.PRNGKey(11))
+  whole = gen.generate_ids(model, ids, mask, pixels, **kw)
+  before = gen._decode._cache_size()  # pylint: disable=protected-access
+  for chunk in (1, 3):
+    pieces = list(gen.stream_ids(model, ids, mask, pixels, chunk=chunk, **kw))
+    assert all(p.shape[1] <= chunk for p in pieces)
+    got = np.concatenate(pieces, axis=1)
+    np.testing.assert_array_equal(got, whole[:, :got.shape[1]])
+    assert (whole[:, got.shape[1]:] == 0).all()  # it stopped only when every row had ended
+  assert gen._decode._cache_size() == before  # pylint: disable=protected-access  (generate_ids' own program)
+
+
+def test_generator_stream_ends_with_generate_text(model, tmp_path):
+  tok = conversations.TextTokenizer.from_pretrained(write_tokenizer(str(tmp_path / 'tok')))
+  g = gen.Generator(model, model.cfg, tok, conversations.get_template('demo'), batch_size=2)
+  prompt = gen.Prompt('What is in the image?', np.full((IMAGE, IMAGE, 3), 128, np.uint8))
+  for sampling in (gen.SamplingConfig(), gen.SamplingConfig(temperature=1.0, seed=4)):
+    texts = list(g.stream(prompt, max_new_tokens=8, sampling=sampling))
+    assert texts and texts[-1] == g.generate([prompt], max_new_tokens=8, sampling=sampling)[0]
+    assert len(texts) >= 1 and all(isinstance(t, str) for t in texts)

@@ -30,7 +30,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -157,26 +157,36 @@ def _prefill(graphdef, state, input_ids, prompt_mask, pixel_values, *, num_new: 
   return lm.logits(hidden[:, -1:])[:, 0], cache, mask_bs
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'num_new', 'greedy', 'top_k', 'use_top_p', 'return_logits'),
-                   donate_argnames=('cache',))
-def _decode(graphdef, state, logits, cache, mask_bs, limits, eos_ids, pad_id, rng, temperature, top_p, *,
-            num_new: int, greedy: bool, top_k: int, use_top_p: bool, return_logits: bool):
-  """The decoding loop after `_prefill`: limits int32[B] new tokens allowed per row; eos_ids int32[MAX_EOS_IDS]
-  (-1 = unused). Returns (tokens int32[B, N] with pad_id after a row's end, N = num_new the cache's free slots;
-  the number of steps run int32[]; with return_logits the logits float32[B, N, V] each token was picked from,
-  else None; the final cache)."""
+def _start_carry(logits, cache, limits, pad_id: int, rng, num_new: int, return_logits: bool) -> dict:
+  """The decoding loop's state before its first step (see `_decode`)."""
   b = logits.shape[0]
-  prompt_len = jnp.sum(mask_bs, axis=1) - num_new  # [B] real prompt tokens
   carry = dict(i=jnp.zeros((), jnp.int32), tokens=jnp.full((b, num_new), pad_id, jnp.int32),
-               done=limits <= 0, logits=logits, cache=cache, rng=rng,
-               # The weights ride in the carry, unchanged, so the body merges the model at its own trace level
-               # (nnx transforms inside the model, the scan over layers, refuse variables from an outer trace).
-               state=state)
+               # The carry is donated to the loop: the caller's key is copied, not consumed.
+               done=jnp.asarray(limits) <= 0, logits=logits, cache=cache, rng=jnp.asarray(rng).copy())
   if return_logits:
     carry['all_logits'] = jnp.zeros((b, num_new, logits.shape[-1]), jnp.float32)
+  return carry
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'greedy', 'top_k', 'use_top_p'), donate_argnames=('carry',))
+def _decode(graphdef, state, carry, mask_bs, limits, eos_ids, pad_id, temperature, top_p, stop, *, greedy: bool,
+            top_k: int, use_top_p: bool):
+  """Decoding steps after `_prefill`, from step carry['i'] until step `stop` (int32[]) or every row is done.
+
+  carry: {i int32[], tokens int32[B, N] (pad_id after a row's end; N the cache's free slots), done bool[B],
+  logits float32[B, V] to pick the next token from, cache, rng, and optionally all_logits float32[B, N, V]};
+  limits int32[B] new tokens allowed per row; eos_ids int32[MAX_EOS_IDS] (-1 = unused). Returns the carry after
+  the last step run: one program serves a whole answer at once and a stream of chunks (`stop` is dynamic), and the
+  cache is updated in place (the carry is donated)."""
+  b, num_new = carry['tokens'].shape
+  prompt_len = jnp.sum(mask_bs, axis=1) - num_new  # [B] real prompt tokens
+  # The weights ride in the carry, unchanged, so the body merges the model at its own trace level (nnx transforms
+  # inside the model, the scan over layers, refuse variables from an outer trace).
+  carry = dict(carry, state=state)
+  stop = jnp.minimum(stop, num_new)
 
   def cond(c):
-    return (c['i'] < num_new) & ~jnp.all(c['done'])
+    return (c['i'] < stop) & ~jnp.all(c['done'])
 
   def body(c):
     i = c['i']
@@ -184,7 +194,7 @@ def _decode(graphdef, state, logits, cache, mask_bs, limits, eos_ids, pad_id, rn
     tok = sample_logits(c['logits'], key, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     tok = jnp.where(c['done'], pad_id, tok)
     out = dict(c, i=i + 1, rng=rng, tokens=c['tokens'].at[:, i].set(tok))
-    if return_logits:
+    if 'all_logits' in c:
       out['all_logits'] = c['all_logits'].at[:, i].set(c['logits'])
     out['done'] = c['done'] | jnp.any(tok[:, None] == eos_ids[None, :], axis=1) | (i + 1 >= limits)
     # Decoding steps go straight to the LLM: a generated id is always text (HF looks it up in the embedding too).
@@ -196,34 +206,30 @@ def _decode(graphdef, state, logits, cache, mask_bs, limits, eos_ids, pad_id, rn
     return out
 
   carry = jax.lax.while_loop(cond, body, carry)
-  # The cache goes back out only so that its donated buffers alias an output: the loop then updates them in place.
-  return carry['tokens'], carry['i'], carry.get('all_logits'), carry['cache']
+  carry.pop('state')  # not an output: returning the weights would copy them
+  return carry
 
 
-def generate_ids(model: LVLM, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                 pixel_values: np.ndarray | None = None, *, max_new_tokens: int,
-                 sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (), pad_id: int = 0,
-                 rng: jax.Array | None = None, max_positions: int | None = None, return_logits: bool = False,
-                 timings: dict | None = None):
-  """Generates up to max_new_tokens tokens for each row of a left-padded batch.
+@dataclasses.dataclass
+class _Run:
+  """What `_start` prepared: the decoding program's arguments and the loop state after the prompt."""
+  graphdef: Any
+  state: Any
+  carry: dict
+  args: tuple  # mask_bs, limits, eos_ids, pad_id, temperature, top_p
+  static: dict  # greedy, top_k, use_top_p
+  max_new_tokens: int
+  prefill_s: float
 
-  Args:
-    model: the LVLM (weights loaded).
-    input_ids: int32[B, T], left-padded, image placeholders already expanded (num_image_tokens copies of
-      cfg.image_token_id in a row with an image, none in a row without).
-    attention_mask: int32[B, T], 1 for real tokens, 0 for padding (left); None means no padding.
-    pixel_values: float32[B, H, W, C] (rows without an image may hold anything), or None when no row has an image.
-    max_new_tokens: the token budget per row.
-    sampling: greedy by default (see SamplingConfig); `sampling.stop` is ignored here (text level).
-    eos_ids: token ids that end a row (kept in the output; later positions hold pad_id).
-    pad_id: the id used for padding, in the prompt and after a row's end.
-    rng: a PRNG key for sampling; defaults to PRNGKey(sampling.seed).
-    max_positions: the model's context (default cfg.llm.max_position_embeddings); a row stops when it is full.
-    return_logits: also return the logits each token was picked from.
-    timings: if a dict, filled with prefill_s and decode_s (wall seconds, prefill waited for) and steps.
-  Returns:
-    tokens int32[B, max_new_tokens] (numpy), and with return_logits also logits float32[B, max_new_tokens, V].
-  """
+  def step(self, stop: int) -> None:
+    self.carry = _decode(self.graphdef, self.state, self.carry, *self.args, jnp.asarray(stop, jnp.int32),
+                         **self.static)
+
+
+def _start(model: LVLM, input_ids, attention_mask, pixel_values, *, max_new_tokens: int, sampling: SamplingConfig,
+           eos_ids: Sequence[int], pad_id: int, rng, max_positions: int | None, return_logits: bool,
+           wait: bool) -> _Run:
+  """Checks the batch, pads it to its bucket, runs the prompt (`_prefill`) and sets up the decoding loop."""
   cfg: LVLMConfig = model.cfg
   sampling.validate()
   ids = np.asarray(input_ids)
@@ -272,19 +278,74 @@ def generate_ids(model: LVLM, input_ids: np.ndarray, attention_mask: np.ndarray 
   logits, cache, mask_bs = _prefill(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
                                     None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32),
                                     num_new=num_new)
-  if timings is not None:
+  if wait:
     jax.block_until_ready(logits)
-    t1 = time.perf_counter()
-  out = _decode(graphdef, state, logits, cache, mask_bs, jnp.asarray(limits), jnp.asarray(eos), jnp.asarray(
-      pad_id, jnp.int32), rng, jnp.asarray(max(sampling.temperature, 1e-6), jnp.float32), jnp.asarray(
-          sampling.top_p, jnp.float32), num_new=num_new, greedy=sampling.greedy, top_k=int(sampling.top_k),
-                use_top_p=sampling.top_p < 1.0, return_logits=return_logits)
-  tokens = np.asarray(out[0])[:, :max_new_tokens]
+  carry = _start_carry(logits, cache, limits, pad_id, rng, num_new, return_logits)
+  args = (mask_bs, jnp.asarray(limits), jnp.asarray(eos), jnp.asarray(pad_id, jnp.int32),
+          jnp.asarray(max(sampling.temperature, 1e-6), jnp.float32), jnp.asarray(sampling.top_p, jnp.float32))
+  static = dict(greedy=sampling.greedy, top_k=int(sampling.top_k), use_top_p=sampling.top_p < 1.0)
+  return _Run(graphdef, state, carry, args, static, max_new_tokens, time.perf_counter() - t0)
+
+
+def generate_ids(model: LVLM, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                 pixel_values: np.ndarray | None = None, *, max_new_tokens: int,
+                 sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (), pad_id: int = 0,
+                 rng: jax.Array | None = None, max_positions: int | None = None, return_logits: bool = False,
+                 timings: dict | None = None):
+  """Generates up to max_new_tokens tokens for each row of a left-padded batch.
+
+  Args:
+    model: the LVLM (weights loaded).
+    input_ids: int32[B, T], left-padded, image placeholders already expanded (num_image_tokens copies of
+      cfg.image_token_id in a row with an image, none in a row without).
+    attention_mask: int32[B, T], 1 for real tokens, 0 for padding (left); None means no padding.
+    pixel_values: float32[B, H, W, C] (rows without an image may hold anything), or None when no row has an image.
+    max_new_tokens: the token budget per row.
+    sampling: greedy by default (see SamplingConfig); `sampling.stop` is ignored here (text level).
+    eos_ids: token ids that end a row (kept in the output; later positions hold pad_id).
+    pad_id: the id used for padding, in the prompt and after a row's end.
+    rng: a PRNG key for sampling; defaults to PRNGKey(sampling.seed).
+    max_positions: the model's context (default cfg.llm.max_position_embeddings); a row stops when it is full.
+    return_logits: also return the logits each token was picked from.
+    timings: if a dict, filled with prefill_s and decode_s (wall seconds, prefill waited for) and steps.
+  Returns:
+    tokens int32[B, max_new_tokens] (numpy), and with return_logits also logits float32[B, max_new_tokens, V].
+  """
+  run = _start(model, input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, sampling=sampling,
+               eos_ids=eos_ids, pad_id=pad_id, rng=rng, max_positions=max_positions, return_logits=return_logits,
+               wait=timings is not None)
+  t1 = time.perf_counter()
+  run.step(run.carry['tokens'].shape[1])
+  tokens = np.asarray(run.carry['tokens'])[:, :max_new_tokens]
   if timings is not None:
-    timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, steps=int(out[1]))
+    timings.update(prefill_s=run.prefill_s, decode_s=time.perf_counter() - t1, steps=int(run.carry['i']))
   if return_logits:
-    return tokens, np.asarray(out[2])[:, :max_new_tokens]
+    return tokens, np.asarray(run.carry['all_logits'])[:, :max_new_tokens]
   return tokens
+
+
+def stream_ids(model: LVLM, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+               pixel_values: np.ndarray | None = None, *, max_new_tokens: int,
+               sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (), pad_id: int = 0,
+               rng: jax.Array | None = None, max_positions: int | None = None, chunk: int = 1) -> Iterator[np.ndarray]:
+  """`generate_ids` as a stream: yields int32[B, n] (numpy) new tokens every `chunk` steps, as they are made, until
+  every row is done or max_new_tokens; concatenated they are generate_ids' tokens (same sampling key sequence).
+  The same two programs as generate_ids serve it (the stop step is an argument), and the KV cache stays on the
+  device between chunks. Arguments as for generate_ids."""
+  if chunk < 1:
+    raise ValueError(f'chunk={chunk}: expected >= 1')
+  run = _start(model, input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, sampling=sampling,
+               eos_ids=eos_ids, pad_id=pad_id, rng=rng, max_positions=max_positions, return_logits=False,
+               wait=False)
+  done = 0
+  while done < max_new_tokens:
+    run.step(min(done + chunk, max_new_tokens))
+    i = int(run.carry['i'])
+    if i > done:
+      yield np.asarray(run.carry['tokens'][:, done:i])
+    if i < min(done + chunk, max_new_tokens) or bool(np.all(np.asarray(run.carry['done']))):
+      return  # every row ended before the chunk did
+    done = i
 
 
 def inference_model(model: LVLM, capacity_factor: float | None = 0.0) -> LVLM:
@@ -493,6 +554,25 @@ class Generator:
         text, n = self.decode(row, sampling.stop)
         results[i] = Result(text=text, prompt_tokens=len(prompt_ids), new_tokens=n)
     return results
+
+  def stream(self, prompt: Prompt, max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
+             chunk: int = 1) -> Iterator[str]:
+    """The answer to one prompt as it is generated: yields the text so far after every `chunk` new tokens (cut
+    at EOS and the stop strings, as `generate` cuts it); the last text yielded is `generate([prompt])[0]`, token
+    for token (the batch is laid out as `generate` lays it out, so sampling draws the same numbers). Raises
+    PromptError for a bad prompt before generating."""
+    sampling.validate()
+    ids, pixels = self.encode(prompt)
+    rows = [ids] * self.batch_size
+    batch, mask = left_pad(rows, self.tokenizer.pad_id)
+    pixel_values = None if pixels is None else np.stack([pixels] * self.batch_size)
+    rng = jax.random.fold_in(jax.random.PRNGKey(sampling.seed), 0)
+    tokens: list[int] = []
+    for new in stream_ids(self.model, batch, mask, pixel_values, max_new_tokens=max_new_tokens, sampling=sampling,
+                          eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id, rng=rng,
+                          max_positions=self.max_positions, chunk=chunk):
+      tokens += [int(t) for t in new[0]]
+      yield self.decode(np.asarray(tokens), sampling.stop)[0]
 
   def generate_results(self, prompts: Sequence[Prompt], max_new_tokens: int = 128,
                        sampling: SamplingConfig = SamplingConfig(), names: Sequence[str] | None = None,

@@ -35,7 +35,7 @@ from moiie_jax.models.config import ConfigError, LLMConfig, MoEConfig, capacity
 from moiie_jax.models.mlp import gelu
 from moiie_jax.models.routing import (MoEStats, assign_grouped, assign_slots, aux_loss, combine_weights,
                                       layer_aux_loss, route, router_ranges, routing_stats, token_masks,
-                                      weighted_aux_loss)
+                                      token_weights, weighted_aux_loss)
 
 __all__ = ['Experts', 'MoEBlock', 'MoEStats', 'aux_loss', 'layer_aux_loss', 'moe_reference', 'weighted_aux_loss',
            'expert_capacity', 'expert_counts']
@@ -219,6 +219,9 @@ class MoEBlock(nnx.Module):
                   rngs=rngs)
     self.gate = nnx.Linear(cfg.hidden_size, t1 - t0, **router)
     self.gate_vis = nnx.Linear(cfg.hidden_size, v1 - v0, **router) if moe.variant != 'vanilla' else None
+    # Set on an inference model (looped layers, no expert parallelism) to keep each call's per-token routing as an
+    # nnx.Intermediate `routing`: float32[B, T, E] combine weights (evaluate/token_routing.py reads it).
+    self.record_routing = False
 
   def __call__(self, x: jax.Array, modality: jax.Array, valid: jax.Array, *,
                capacity_factor: float | None = None) -> tuple[jax.Array, MoEStats]:
@@ -256,6 +259,8 @@ class MoEBlock(nnx.Module):
     out = self.experts(buf, sizes, impl=moe.grouped_matmul).reshape(-1, d)  # [S, D]
     picked = _collect(out, a2s, s2a)  # [N, K, D], 0 for dropped choices
     y = jnp.einsum('NK,NKD->ND', combine_weights(r, kept, moe).astype(picked.dtype), picked)
+    if self.record_routing:
+      self.sow(nnx.Intermediate, 'routing', token_weights(r, kept, moe).reshape(b, t, e))
     return y.reshape(b, t, d), routing_stats(r, vision, counted, kept, routed, moe)
 
 

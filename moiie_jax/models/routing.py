@@ -218,6 +218,12 @@ class MoEStats:
   router_entropy: jax.Array  # float32[2], mean entropy (nats) of the router distribution, per modality
 
 
+def token_weights(r: Routing, kept: jax.Array, moe: MoEConfig) -> jax.Array:
+  """float32[N, E]: the combine weight each position gives each expert (0 for experts not chosen or dropped)."""
+  onehot = jax.nn.one_hot(r.experts, r.probs.shape[-1], dtype=jnp.float32)  # [N, K, E]
+  return jnp.einsum('NK,NKE->NE', combine_weights(r, kept, moe), onehot)
+
+
 def routing_stats(r: Routing, vision: jax.Array, counted: jax.Array, kept: jax.Array, routed: jax.Array,
                   moe: MoEConfig) -> MoEStats:
   """vision, counted, routed: bool[N]; kept: bool[N, K].
@@ -232,7 +238,7 @@ def routing_stats(r: Routing, vision: jax.Array, counted: jax.Array, kept: jax.A
   c = (routed if gshard else counted).astype(jnp.float32)
   onehot = jax.nn.one_hot(r.experts, e_total, dtype=jnp.float32)  # [N, K, E]
   chosen = jnp.sum(onehot, axis=1)  # [N, E]
-  weight = jnp.einsum('NK,NKE->NE', combine_weights(r, kept, moe), onehot)
+  weight = token_weights(r, kept, moe)
   by_router = jax.nn.one_hot(r.row, 2, dtype=jnp.float32) * c[:, None]  # [N, 2]
   counted_f = counted.astype(jnp.float32)
   by_modality = jax.nn.one_hot(vision.astype(jnp.int32), 2, dtype=jnp.float32) * counted_f[:, None]  # [N, 2]

@@ -173,7 +173,7 @@ def main() -> None:
     embed = llm_cfg['vocab_size'] * d * itemsize
     result = dict(date=time.strftime('%Y-%m-%d'), size=a.size, dtype=a.dtype, input_gb=in_bytes / 1e9,
                   output_gb=out_bytes / 1e9, output_on_disk_gb=disk_bytes / 1e9, peak_rss_gib=peak / 2 ** 30,
-                  bound_gib=(out_bytes + 2 * 2 ** 30) / 2 ** 30, peak_minus_output_gib=(peak - out_bytes) / 2 ** 30,
+                  bound_gib=(out_bytes + 2 * 2 ** 30) / 2 ** 30,
                   largest_group_gib=max(layer, embed) / 2 ** 30, convert_s=convert_s,
                   convert_gb_per_s=in_bytes / 1e9 / convert_s, copy_s=copy_s, copy_gb_per_s=in_bytes / 1e9 / copy_s,
                   copy_over_convert=convert_s / copy_s, make_input_s=make_s, cpus=os.cpu_count())

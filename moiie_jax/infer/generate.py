@@ -7,8 +7,9 @@ Two levels:
   generate_ids  token arrays in, token arrays out. Two jitted programs, called back to back on the device: the
                 prefill over the left-padded prompt (one per batch size, prompt bucket and new-token bucket), then
                 a `lax.while_loop` of one-token steps against the KV cache (donated) that ends when every row has
-                produced an EOS or used its budget (one per batch, buckets and sampler kind).
-  Generator     text in, text out: chat template, `<image>` expansion, image loading, batches of a fixed size,
+                produced an EOS or used its budget (one per batch, buckets and sampler kind). `stream_ids` runs the
+                same loop in chunks (its stop step is an argument), yielding tokens as they come.
+  Generator     text in, text out (`stream` yields the growing answer): chat template, `<image>` expansion, image loading, batches of a fixed size,
                 per-item errors, and stop strings (checked on the host after decoding, since the loop runs on the
                 device).
 

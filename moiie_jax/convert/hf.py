@@ -168,25 +168,25 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
   """A .safetensors file (numpy only; bf16 via ml_dtypes), as the format defines: an 8-byte header length, the JSON
-  header of dtype, shape and byte offsets, then the tensors' bytes in header order."""
+  header of dtype, shape and byte offsets, then the tensors' bytes in header order. The header comes from shapes
+  and dtypes alone and each tensor is written as it is made contiguous, so the values may be views (transposes of
+  a loaded model) and at most one tensor's bytes are copied at a time."""
   names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
-  header, offset, blobs = {}, 0, []
+  header, offset = {}, 0
   for name in sorted(tensors):
-    array = np.ascontiguousarray(tensors[name])
-    if array.dtype not in names:
-      raise ConvertError(f'{path}: tensor {name} has dtype {array.dtype}, which safetensors cannot hold')
-    blob = array.tobytes()
-    header[name] = {'dtype': names[array.dtype], 'shape': list(array.shape), 'data_offsets': [offset,
-                                                                                              offset + len(blob)]}
-    offset += len(blob)
-    blobs.append(blob)
+    dtype, shape = np.dtype(tensors[name].dtype), tuple(np.shape(tensors[name]))
+    if dtype not in names:
+      raise ConvertError(f'{path}: tensor {name} has dtype {dtype}, which safetensors cannot hold')
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[name] = {'dtype': names[dtype], 'shape': list(shape), 'data_offsets': [offset, offset + nbytes]}
+    offset += nbytes
   raw = json.dumps(header, separators=(',', ':')).encode()
   raw += b' ' * (-len(raw) % 8)  # the data starts 8-aligned
   with open(path, 'wb') as f:
     f.write(struct.pack('<Q', len(raw)))
     f.write(raw)
-    for blob in blobs:
-      f.write(blob)
+    for name in sorted(tensors):
+      f.write(np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8).data)
 
 
 @contextlib.contextmanager
@@ -225,8 +225,9 @@ def write_shards(folder: str, tensors: Mapping[str, np.ndarray], max_shard_bytes
   tensor gets a shard of its own) plus model.safetensors.index.json, as save_pretrained writes them."""
   shards: list[list[str]] = [[]]
   size = 0
+  nbytes_of = lambda t: int(np.prod(np.shape(t), dtype=np.int64)) * np.dtype(t.dtype).itemsize
   for name in sorted(tensors):
-    nbytes = np.asarray(tensors[name]).nbytes
+    nbytes = nbytes_of(tensors[name])
     if shards[-1] and size + nbytes > max_shard_bytes:
       shards.append([])
       size = 0
@@ -240,7 +241,7 @@ def write_shards(folder: str, tensors: Mapping[str, np.ndarray], max_shard_bytes
   for file, names in zip(files, shards):
     write_safetensors(os.path.join(folder, file), {n: tensors[n] for n in names})
     weight_map.update({n: file for n in names})
-  total = sum(np.asarray(t).nbytes for t in tensors.values())
+  total = sum(nbytes_of(t) for t in tensors.values())
   with open(os.path.join(folder, 'model.safetensors.index.json'), 'w') as f:
     json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2, sort_keys=True)
   return files

@@ -258,14 +258,14 @@ def llm_params_to_hf(flat: Mapping[tuple, Any], cfg: LLMConfig, decoder_prefix: 
       if path not in cache:
         cache[path] = get(path)
       array = cache[path] if stack_index is None else cache[path][stack_index]
-      out[f'{decoder_prefix}layers.{i}.{suffix}'] = np.ascontiguousarray(array.T if transpose else array)
+      out[f'{decoder_prefix}layers.{i}.{suffix}'] = array.T if transpose else array  # views: copied when written
   for suffix, (path, _) in list(base.items())[1:]:
     out[decoder_prefix + suffix] = get(path)
   if cfg.tie_word_embeddings:
     if include_tied_lm_head:
       out[lm_head_key] = embedding
   else:
-    out[lm_head_key] = np.ascontiguousarray(get(('lm_head', 'kernel')).T)
+    out[lm_head_key] = get(('lm_head', 'kernel')).T
     if cfg.lm_head_bias:
       out[lm_head_bias_key(lm_head_key)] = get(('lm_head', 'bias'))
   unused = sorted('/'.join(map(str, p)) for p in set(flat) - used)
@@ -352,12 +352,12 @@ def experts_to_hf(lm: dict, cfg: LLMConfig, key_of: ExpertKey, routers: Mapping[
   for i in sorted(cfg.moe_layers):
     base = ('model', 'layers', i, 'mlp')
     for hf_name, ours in routers.items():
-      tensors[key_of(i, None, hf_name, 'weight')] = np.ascontiguousarray(_to_numpy(lm.pop(base + (ours, 'kernel'))).T)
+      tensors[key_of(i, None, hf_name, 'weight')] = _to_numpy(lm.pop(base + (ours, 'kernel'))).T
     for name, (_, b_shape) in mlp_tensor_shapes(cfg).items():
       kernel = _to_numpy(lm.pop(base + ('experts', name, 'kernel')))
       bias = _to_numpy(lm.pop(base + ('experts', name, 'bias'))) if b_shape is not None else None
       for j in range(cfg.moe.n_experts):
-        tensors[key_of(i, j, name, 'weight')] = np.ascontiguousarray(kernel[j].T)
+        tensors[key_of(i, j, name, 'weight')] = kernel[j].T  # a view: copied when written
         if bias is not None:
           tensors[key_of(i, j, name, 'bias')] = bias[j]
   return tensors

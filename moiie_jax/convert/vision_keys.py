@@ -176,7 +176,7 @@ def _export(flat: Mapping[Path, np.ndarray], table: Mapping[str, tuple], prefix:
     array = back(np.asarray(flat[path]))
     if array.shape != hf_shape:
       raise ConvertError(f'{what}: {".".join(map(str, path))} gives HF shape {array.shape}, expected {hf_shape}')
-    out[prefix + name] = np.ascontiguousarray(array)
+    out[prefix + name] = array  # a view where the layout changes: copied when written
   return out
 
 

@@ -154,6 +154,8 @@ def save_params_in_groups(path: str | epath.PathLike, groups: Iterable[Any]) -> 
     partial.save(staging, encode_keys(group))
   partial.finalize(staging)
   (staging / 'state').rename(path)  # the pytree Orbax wrote; the rest is its session's bookkeeping
+  if (staging / '_CHECKPOINT_METADATA').exists():  # what a save_params folder holds beside the pytree
+    (staging / '_CHECKPOINT_METADATA').copy(path / '_CHECKPOINT_METADATA')
   staging.rmtree()
 
 

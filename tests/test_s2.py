@@ -19,11 +19,10 @@ from moiie_jax.infer.generate import Generator, Prompt
 from moiie_jax.models import s2
 from moiie_jax.models.config import ConfigError, LVLMConfig, VisionConfig, vision_from_hf
 from moiie_jax.models.vision import VisionTower
-from moiie_jax.train import loop, recipe
+from moiie_jax.train import loop
+from runlocal import phi3_config as _config
 from torch_s2 import torch_s2_features
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHI3 = os.path.join(ROOT, 'configs', 'phi3_mini_moiie.py')
 TOL = 1e-4
 SCALES = (32, 64, 96)
 
@@ -96,15 +95,6 @@ def test_s2_refuses_class_token_towers_and_drop_first():
 
 
 # ------------------------------------------------------------------------------ a whole tiny LVLM with S2
-def _config(arg, **changes):
-  c = recipe.load(f'{PHI3}:{arg},runlocal=True')
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def test_tiny_s2_lvlm_trains_both_stages_and_generates(tmp_path):

@@ -18,20 +18,10 @@ from moiie_jax.convert import folder
 from moiie_jax.data import pipeline
 from moiie_jax.models.lvlm import LVLM
 from moiie_jax.train import loop, recipe
+from runlocal import phi3_config as _config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHI3 = os.path.join(ROOT, 'configs', 'phi3_mini_moiie.py')
-
-
-def _config(arg, **changes):
-  c = recipe.load(f'{PHI3}:{arg},runlocal=True')
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def _flat(state):

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from moiie_jax.evaluate.routing import expert_labels
-from moiie_jax.infer.generate import inference_model
+from moiie_jax.infer.generate import bucket_length, inference_model
 from moiie_jax.models.lvlm import LVLM
 from moiie_jax.models.moe import MoEBlock
 
@@ -44,7 +44,7 @@ class TokenRouting:
     return [GROUPS[i] for i in np.argmax(self.group_weights(layer), axis=-1)]
 
 
-def _moe_blocks(model: LVLM) -> list[tuple[int, MoEBlock]]:
+def moe_blocks(model: LVLM) -> list[tuple[int, MoEBlock]]:
   return [(i, layer.mlp) for i, layer in enumerate(model.language_model.model.layers)
           if isinstance(layer.mlp, MoEBlock)]
 
@@ -64,30 +64,44 @@ def _looped(model: LVLM) -> LVLM:
   return abstract
 
 
+def routing_model(model: LVLM) -> LVLM:
+  """The model token_routing runs: looped (a scanned model's layers relaid, a copy) and dropless (every routed
+  token's weights sum to 1). Returned as it is when it already is both, so a server prepares it once."""
+  if model.cfg.llm.scan_layers:
+    model = _looped(model)
+  return inference_model(model, 0.0)
+
+
+@nnx.jit
+def _modality(model: LVLM, ids, pixels):
+  return model(ids, pixels).modality
+
+
 def token_routing(model: LVLM, input_ids: np.ndarray, pixel_values: np.ndarray | None = None) -> TokenRouting | None:
   """The routing of one sequence: input_ids int[T] (image placeholders expanded, as the model sees them),
   pixel_values float32[H, W, C] or None. None for a dense model (it has no experts)."""
-  cfg = model.cfg
-  moe = cfg.llm.moe
+  moe = model.cfg.llm.moe
   if not moe.is_moe:
     return None
-  if cfg.llm.scan_layers:
-    model = _looped(model)
-  model = inference_model(model, 0.0)  # dropless: every routed token's weights sum to 1
-  blocks = _moe_blocks(model)
+  model = routing_model(model)
+  blocks = moe_blocks(model)
   ids = np.asarray(input_ids, np.int32).reshape(1, -1)
+  t = ids.shape[1]
+  # Padded on the right up to the generation buckets' length, so that a chat compiles one program per bucket: the
+  # decoder is causal and routing is per token, so the real tokens' weights do not see the padding.
+  ids = np.pad(ids, ((0, 0), (0, bucket_length(t) - t)))
   pixels = None if pixel_values is None else np.asarray(pixel_values, np.float32)[None]
   for _, block in blocks:
     block.record_routing = True
   try:
-    out = nnx.jit(lambda m, i, p: m(i, p).modality)(model, ids, pixels)
+    out = _modality(model, ids, pixels)
     recorded = nnx.pop(model, nnx.Intermediate)
   finally:
     for _, block in blocks:
       block.record_routing = False
   layers = recorded['language_model']['model']['layers']
-  weights = np.stack([np.asarray(layers[i]['mlp']['routing'].get_value()[-1])[0] for i, _ in blocks])
+  weights = np.stack([np.asarray(layers[i]['mlp']['routing'].get_value()[-1])[0, :t] for i, _ in blocks])
   labels = expert_labels(moe.n_vision, moe.n_shared, moe.n_language)
   groups = ['vision'] * moe.n_vision + ['shared'] * moe.n_shared + ['language'] * moe.n_language
-  return TokenRouting(weights=weights, modality=np.asarray(out)[0], layers=tuple(i for i, _ in blocks),
+  return TokenRouting(weights=weights, modality=np.asarray(out)[0, :t], layers=tuple(i for i, _ in blocks),
                       experts=tuple(labels), groups=tuple(groups))

@@ -562,10 +562,16 @@ class Generator:
     at EOS and the stop strings, as `generate` cuts it); the last text yielded is `generate([prompt])[0]`, token
     for token (the batch is laid out as `generate` lays it out, so sampling draws the same numbers). Raises
     PromptError for a bad prompt before generating."""
+    for text, _ in self.stream_tokens(self.encode(prompt), max_new_tokens, sampling, chunk):
+      yield text
+
+  def stream_tokens(self, encoded: tuple[np.ndarray, np.ndarray | None], max_new_tokens: int = 128,
+                    sampling: SamplingConfig = SamplingConfig(), chunk: int = 1) -> Iterator[tuple[str, list[int]]]:
+    """`stream` for an already encoded prompt (`encode`'s ids and pixels): yields (text so far, the answer's token
+    ids so far, EOS excluded)."""
     sampling.validate()
-    ids, pixels = self.encode(prompt)
-    rows = [ids] * self.batch_size
-    batch, mask = left_pad(rows, self.tokenizer.pad_id)
+    ids, pixels = encoded
+    batch, mask = left_pad([ids] * self.batch_size, self.tokenizer.pad_id)
     pixel_values = None if pixels is None else np.stack([pixels] * self.batch_size)
     rng = jax.random.fold_in(jax.random.PRNGKey(sampling.seed), 0)
     tokens: list[int] = []
@@ -573,7 +579,8 @@ class Generator:
                           eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id, rng=rng,
                           max_positions=self.max_positions, chunk=chunk):
       tokens += [int(t) for t in new[0]]
-      yield self.decode(np.asarray(tokens), sampling.stop)[0]
+      text, n = self.decode(np.asarray(tokens), sampling.stop)
+      yield text, tokens[:n - 1] if n and tokens[n - 1] in self.eos_ids else tokens[:n]
 
   def generate_results(self, prompts: Sequence[Prompt], max_new_tokens: int = 128,
                        sampling: SamplingConfig = SamplingConfig(), names: Sequence[str] | None = None,

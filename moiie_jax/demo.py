@@ -28,17 +28,20 @@ def _recipe(arg: str):
   return recipe.load(os.path.join(root, 'configs', 'demo.py') + ':' + arg)
 
 
-def evaluate(folder: str, dataset, batch_size: int = 64) -> dict[str, float]:
-  """Exact-match accuracy of greedy answers on the held-out questions, overall and per question type."""
+def evaluate(folder: str, dataset, batch_size: int = 64, key: str = 'type', max_new_tokens: int = 4,
+             questions=None) -> dict[str, float]:
+  """Exact-match accuracy of greedy answers on the held-out questions (default: the dataset's), overall and per
+  question `key` ('type'; the study's task also has 'kind')."""
   from moiie_jax.infer.generate import Generator, Prompt
   gen = Generator.from_folder(folder, batch_size=batch_size)
-  items = dataset.eval_questions
-  prompts = [Prompt(q['question'], image=os.path.join(dataset.image_folder, q['image'])) for q in items]
-  answers = gen.generate(prompts, max_new_tokens=4)
+  items = dataset.eval_questions if questions is None else questions
+  prompts = [Prompt(q['question'], image=os.path.join(dataset.image_folder, q['image']) if q.get('image') else None)
+             for q in items]
+  answers = gen.generate(prompts, max_new_tokens=max_new_tokens)
   right, total = collections.Counter(), collections.Counter()
   for q, a in zip(items, answers):
-    total[q['type']] += 1
-    right[q['type']] += int(a.strip().lower() == q['answer'].lower())
+    total[q[key]] += 1
+    right[q[key]] += int(a.strip().lower() == q['answer'].strip().lower())
   out = {t: right[t] / total[t] for t in sorted(total)}
   out['all'] = sum(right.values()) / max(1, sum(total.values()))
   return out

@@ -98,17 +98,22 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 def draw(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
   """Renders a scene; small seeded jitter in position and size keeps images distinct."""
+  return draw_objects([(scene.color, scene.shape, p) for p in scene.positions], size, rng)
+
+
+def draw_objects(objects, size: int, rng: np.random.Generator) -> Image.Image:
+  """Renders (colour, shape, position) objects on a white square, in order, with seeded jitter."""
   img = Image.new('RGB', (size, size), BACKGROUND)
   canvas = ImageDraw.Draw(img)
-  color = COLORS[scene.color]
-  for pos in scene.positions:
+  for color_name, shape, pos in objects:
+    color = COLORS[color_name]
     fx, fy = POSITIONS[pos]
     cx = (fx + rng.uniform(-JITTER, JITTER)) * size
     cy = (fy + rng.uniform(-JITTER, JITTER)) * size
     r = size * RADIUS * rng.uniform(0.9, 1.05)
-    if scene.shape == 'circle':
+    if shape == 'circle':
       canvas.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-    elif scene.shape == 'square':
+    elif shape == 'square':
       s = r * 0.9
       canvas.rectangle([cx - s, cy - s, cx + s, cy + s], fill=color)
     else:
@@ -137,6 +142,8 @@ class DemoDataset:
   chance_level: float
   chance_by_type: dict[str, float]
   vocab_size: int
+  # The study task's (make_study_dataset): chance per question kind; eval questions then carry a 'kind'.
+  chance_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -168,6 +175,18 @@ def _train_tokenizer(texts: list[str], out_dir: str) -> tokenizers.Tokenizer:
   with open(os.path.join(out_dir, 'special_tokens_map.json'), 'w') as f:
     json.dump({k: config[k] for k in ('bos_token', 'eos_token', 'pad_token', 'unk_token')}, f, indent=2)
   return tok
+
+
+def _rendered(splits: dict[str, list[dict]]) -> list[str]:
+  """Every conversation of the splits as the template renders it (the tokenizer's corpus)."""
+  template = get_template(TEMPLATE)
+  texts = []
+  for records in splits.values():
+    for r in records:
+      turns = [(r['conversations'][i]['value'], r['conversations'][i + 1]['value'])
+               for i in range(0, len(r['conversations']), 2)]
+      texts.append(template.render(turns, '</s>')[0])
+  return texts
 
 
 def make_demo_dataset(out_dir: str, seed: int = 0, n_train: int = 512, n_eval: int = 128, image_size: int = 32,
@@ -214,13 +233,7 @@ def make_demo_dataset(out_dir: str, seed: int = 0, n_train: int = 512, n_eval: i
     write_records(paths[name], records)
 
   # Tokenizer corpus: every rendered conversation (template words included) and every possible answer/phrase.
-  template = get_template(TEMPLATE)
-  texts = []
-  for records in splits.values():
-    for r in records:
-      turns = [(r['conversations'][i]['value'], r['conversations'][i + 1]['value'])
-               for i in range(0, len(r['conversations']), 2)]
-      texts.append(template.render(turns, '</s>')[0])
+  texts = _rendered(splits)
   texts += [' '.join(v) for v in ANSWERS.values()] + [q + s for qs in QUESTIONS.values() for q in qs
                                                        for s in SUFFIXES]
   texts += [Scene(c, s, (p,)).caption() for c in COLORS for s in SHAPES for p in POSITIONS]
@@ -250,3 +263,121 @@ def load_demo_metadata(out_dir: str) -> DemoDataset:
   data['answers'] = {k: tuple(v) for k, v in data['answers'].items()}
   data['eval_questions'] = tuple(data['eval_questions'])
   return DemoDataset(**data)
+
+
+# --------------------------------------------------------------------------------------------- the study's task
+# Three kinds of question, so that the study's arms can differ in how they serve each modality:
+#   visual   fine visual attributes of a single object (its colour or its shape): the image alone answers
+#   text     arithmetic stated in words ("What is three plus four?"): the text alone answers; the image is noise
+#   binding  two objects of different colours, shapes and places; the question names one by one attribute and asks
+#            for another ("What color is the square?", "Where is the red object?"): text and image together
+NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine', 'ten')
+KINDS = ('visual', 'text', 'binding')
+STUDY_ANSWERS = {'color': tuple(COLORS), 'shape': SHAPES, 'number': NUMBER_WORDS, 'position': tuple(POSITIONS)}
+STUDY_QUESTIONS = {
+    ('visual', 'color'): ('What color is the shape?', 'Which colour is the object?'),
+    ('visual', 'shape'): ('What shape is shown?', 'Which shape is in the image?'),
+    ('text', 'plus'): ('What is {a} plus {b}?', 'Add {a} and {b}.'),
+    ('text', 'minus'): ('What is {a} minus {b}?', 'Take {b} from {a}.'),
+    ('binding', 'color'): ('What color is the {shape}?', 'Which colour does the {shape} have?'),
+    ('binding', 'shape'): ('What shape is the {color} object?', 'Which shape is {color}?'),
+    ('binding', 'position'): ('Where is the {color} {shape}?', 'In which part of the image is the {shape}?'),
+}
+
+
+def _study_objects(rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
+  """n objects with pairwise different colours, shapes and positions."""
+  colors = rng.choice(list(COLORS), size=n, replace=False)
+  shapes = rng.choice(list(SHAPES), size=n, replace=False)
+  places = rng.choice(list(POSITIONS), size=n, replace=False)
+  return [(str(c), str(s), str(p)) for c, s, p in zip(colors, shapes, places)]
+
+
+def _study_caption(objects) -> str:
+  parts = [f'{"an" if c[0] in "aeiou" else "a"} {c} {s} {"in" if p == "center" else "on"} the {p}'
+           for c, s, p in objects]
+  return ' and '.join(parts)
+
+
+def _study_question(rng: np.random.Generator, kind: str, objects) -> tuple[str, str, str]:
+  """(question, answer, type) of one kind about the objects (one for visual, two for binding)."""
+  if kind == 'visual':
+    qtype = str(rng.choice(['color', 'shape']))
+    color, shape, _ = objects[0]
+    return str(rng.choice(STUDY_QUESTIONS['visual', qtype])), color if qtype == 'color' else shape, qtype
+  if kind == 'text':
+    op = str(rng.choice(['plus', 'minus']))
+    a, b = (int(x) for x in rng.integers(0, 6, size=2))
+    if op == 'minus' and b > a:
+      a, b = b, a
+    answer = NUMBER_WORDS[a + b if op == 'plus' else a - b]
+    q = str(rng.choice(STUDY_QUESTIONS['text', op])).format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])
+    return q, answer, 'number'
+  color, shape, place = objects[int(rng.integers(len(objects)))]
+  qtype = str(rng.choice(['color', 'shape', 'position']))
+  q = str(rng.choice(STUDY_QUESTIONS['binding', qtype])).format(color=color, shape=shape)
+  return q, {'color': color, 'shape': shape, 'position': place}[qtype], qtype
+
+
+def make_study_dataset(out_dir: str, seed: int = 0, n_train: int = 1500, n_eval: int = 300,
+                       image_size: int = 32) -> DemoDataset:
+  """The study's task under out_dir (deterministic in `seed`), in the demo's layout: captions.json (stage 1: every
+  object described), train.json (stage 2: a visual or binding question and a text question per image) and
+  eval.json (held out: n_eval questions, a third of each kind; `eval_questions` carry 'kind' and 'type')."""
+  if min(n_train, n_eval) < len(KINDS) or image_size < 16:
+    raise ValueError(f'make_study_dataset: n_train={n_train} and n_eval={n_eval} must be >= {len(KINDS)} and '
+                     f'image_size={image_size} >= 16')
+  image_folder = os.path.join(out_dir, 'images')
+  os.makedirs(image_folder, exist_ok=True)
+  rng_cap, rng_train, rng_eval = (np.random.default_rng([seed, 100 + k]) for k in range(3))
+  eval_questions: list[dict[str, str]] = []
+
+  def records(rng, n, prefix, make):
+    out = []
+    for i in range(n):
+      kind = KINDS[i % len(KINDS)]  # eval: a third of each kind; train: image kinds alternate
+      objects = _study_objects(rng, 2 if kind == 'binding' else 1)
+      name = f'{prefix}_{i:05d}.png'
+      draw_objects(objects, image_size, rng).save(os.path.join(image_folder, name), format='PNG')
+      out.append({'id': f'{prefix}_{i:05d}', 'image': name, 'conversations': make(rng, kind, objects, name)})
+    return out
+
+  def caption(rng, kind, objects, name):
+    return [{'from': 'human', 'value': '<image>\nDescribe the image briefly.'},
+            {'from': 'gpt', 'value': _study_caption(objects)}]
+
+  def train(rng, kind, objects, name):
+    image_kind = 'binding' if len(objects) == 2 else 'visual'
+    turns = []
+    for k in ([image_kind, 'text'] if rng.random() < 0.5 else ['text', image_kind]):
+      q, a, _ = _study_question(rng, k, objects)
+      turns += [{'from': 'human', 'value': ('<image>\n' + q) if not turns else q}, {'from': 'gpt', 'value': a}]
+    return turns
+
+  def held_out(rng, kind, objects, name):
+    q, a, qtype = _study_question(rng, kind, objects)
+    eval_questions.append({'id': name[:-4], 'kind': kind, 'type': qtype, 'question': q, 'answer': a, 'image': name})
+    return [{'from': 'human', 'value': '<image>\n' + q}, {'from': 'gpt', 'value': a}]
+
+  # Training images alternate one and two objects (i % 3 picks kinds: visual, text -> one object, binding -> two).
+  splits = {'captions': records(rng_cap, n_train, 'cap', caption), 'train': records(rng_train, n_train, 'train', train),
+            'eval': records(rng_eval, n_eval, 'eval', held_out)}
+  paths = {name: os.path.join(out_dir, f'{name}.json') for name in splits}
+  for name, recs in splits.items():
+    write_records(paths[name], recs)
+  texts = _rendered(splits) + [' '.join(v) for v in STUDY_ANSWERS.values()]
+  texts += [q.format(a='zero', b='one', color='red', shape='circle') for qs in STUDY_QUESTIONS.values() for q in qs]
+  tokenizer_dir = os.path.join(out_dir, 'tokenizer')
+  tok = _train_tokenizer(texts, tokenizer_dir)
+  chance_by_type = {t: 1 / len(a) for t, a in STUDY_ANSWERS.items()}
+  chance_by_kind = {k: float(np.mean([chance_by_type[q['type']] for q in eval_questions if q['kind'] == k]))
+                    for k in KINDS}
+  ds = DemoDataset(root=out_dir, train_json=paths['train'], captions_json=paths['captions'], eval_json=paths['eval'],
+                   image_folder=image_folder, tokenizer_dir=tokenizer_dir, template=TEMPLATE, image_size=image_size,
+                   seed=seed, answers=dict(STUDY_ANSWERS), eval_questions=tuple(eval_questions),
+                   chance_level=float(np.mean([chance_by_type[q['type']] for q in eval_questions])),
+                   chance_by_type=chance_by_type, vocab_size=tok.get_vocab_size(with_added_tokens=True),
+                   chance_by_kind=chance_by_kind)
+  with open(os.path.join(out_dir, 'metadata.json'), 'w') as f:
+    json.dump(ds.to_json(), f, indent=1)
+  return ds

@@ -84,7 +84,8 @@ def stage_config(config, stage: int, *, steps: int, seed: int, data: dict, init:
   c = recipe.load(f'{_recipe_path(config)}:stage={stage}')
   c.total_steps = int(steps)
   c.seed = int(seed)
-  c.init.checkpoint = init
+  if init:  # else the recipe's own (a from-scratch demo stage 1: none)
+    c.init.checkpoint = init
   c.data.json_path = data['json']
   c.data.image_folder = data['image_folder']
   if data.get('tokenizer_dir'):
@@ -193,7 +194,8 @@ def run(config, workdir: str, arms: Sequence[str] | None = None, log: Callable[[
       s1 = json.load(f)
     log(f'stage 1 (shared): done earlier, {s1["steps"]} steps')
   else:
-    c1 = stage_config(config, 1, steps=config.stage1.steps, seed=config.stage1.seed, data=data1, where='stage 1')
+    c1 = stage_config(config, 1, steps=config.stage1.steps, seed=config.stage1.seed, data=data1,
+                      init=config.stage1.init, where='stage 1')
     s1 = loop.train(c1, stage1_dir, progress=False)
     report.write_json({'steps': s1['steps'], 'export': s1['export']}, stage1_done)
     log(f'stage 1 (shared): {s1["steps"]} steps ({time.perf_counter() - t:.0f} s)')

@@ -1,4 +1,5 @@
-"""Forward+backward time and compiled FLOPs of the MoIIE layer against a dense SwiGLU doing the same work.
+"""Forward+backward time and compiled FLOPs of the MoIIE layer against a dense SwiGLU doing the same work, a plain
+matmul of the same FLOPs, and the PyTorch loop-over-experts block the official code is built like.
 
 Run: `.venv/bin/python bench/moe_layer.py [--tokens 4096 --iters 9]`. Prints a table and writes
 bench/results/moe_layer.json. Two dense equivalents do the work of the K experts each token activates: one
@@ -6,6 +7,14 @@ SwiGLU FFN of width K*F, and K FFNs of width F as one [K, D, F] batched matmul; 
 whichever ran faster. Measurements are interleaved (each case once per round) so that load from other processes
 hits all cases alike. Reported: wall-time medians (the headline ratios), minima, the median of per-round
 ratios, and median process CPU time (all threads), which other processes' load disturbs least.
+
+`torch_mixtral_loop`: transformers' `MixtralSparseMoeBlock` (its experts loop over the experts a batch hits, as
+the official MoIIE block and MoE-LLaVA's do) with our layer's weights, its gate replaced by the MoIIE routing (the
+visual router over vision + shared experts for image tokens, the textual one over language + shared for text,
+top-2, renormalised); forward + backward w.r.t. parameters and input on the same shapes, in the same interleaved
+rounds; its output is checked against ours first. `plain_matmul`: one [N, D] x [D, 3*K*F] product, forward +
+backward (the FLOPs of the ideal layer): the machine's matmul rate in this run, against which the layer's FLOP rate
+is quoted (`x matmul rate`).
 
 N tokens, D model width, F FFN width, E experts, K top-k.
 """
@@ -98,7 +107,17 @@ def main() -> None:
   def dense_k_loss(p, x):
     return jnp.sum(dense_k_forward(p, x) * g)
 
+  wide = {'w': 0.02 * jax.random.normal(jax.random.key(5), (d, 3 * k * f))}
+  g_wide = jax.random.normal(jax.random.key(6), (n, 3 * k * f), jnp.float32)
+
+  def matmul_forward(p, x):
+    return x.reshape(n, d) @ p['w']
+
+  def matmul_loss(p, x):
+    return jnp.sum(matmul_forward(p, x) * g_wide)
+
   cases = {
+      'plain_matmul': (matmul_loss, matmul_forward, wide),
       'dense_kF': (dense_loss, dense_forward, dense),
       'dense_K_ffns': (dense_k_loss, dense_k_forward, dense_k),
       'moiie_capacity': (moe_loss(args.capacity_factor), moe_forward(args.capacity_factor), params),
@@ -110,12 +129,20 @@ def main() -> None:
   for name, step in steps.items():
     for _ in range(args.warmup):
       jax.block_until_ready(step(cases[name][2], x))
-  times = {name: [] for name in cases}
-  cpu = {name: [] for name in cases}  # process CPU seconds (all threads): less sensitive to other processes' load
+  torch_step, torch_diff = torch_block(block, params, x, modality, g)
+  steps['torch_mixtral_loop'] = torch_step
+  for _ in range(args.warmup):
+    torch_step()
+  names = list(steps)
+  times = {name: [] for name in names}
+  cpu = {name: [] for name in names}  # process CPU seconds (all threads): less sensitive to other processes' load
   for _ in range(args.iters):
     for name, step in steps.items():
       start, start_cpu = time.perf_counter(), time.process_time()
-      jax.block_until_ready(step(cases[name][2], x))
+      if name == 'torch_mixtral_loop':
+        step()
+      else:
+        jax.block_until_ready(step(cases[name][2], x))
       times[name].append(time.perf_counter() - start)
       cpu[name].append(time.process_time() - start_cpu)
   med = {name: statistics.median(v) for name, v in times.items()}
@@ -141,6 +168,10 @@ def main() -> None:
   fwd_flops['moiie_dropless'] = 2 * 3 * n_blocks * block * d * f + router_flops
   step_flops['moiie_dropless_xla_one_iteration'] = step_flops['moiie_dropless']
   step_flops['moiie_dropless'] = 3 * fwd_flops['moiie_dropless']
+  # The PyTorch block does the dropless layer's useful work: N*K rows through the three matmuls, plus the routers.
+  fwd_flops['torch_mixtral_loop'] = ideal_fwd + router_flops
+  step_flops['torch_mixtral_loop'] = 3 * fwd_flops['torch_mixtral_loop']
+  rate = {name: step_flops[name] / med[name] for name in names}  # FLOP/s, median wall
 
   result = {
       'date': datetime.date.today().isoformat(),
@@ -173,6 +204,14 @@ def main() -> None:
       'dropless_flops_ratio_vs_ideal': fwd_flops['moiie_dropless'] / ideal_fwd,
       'dense_flops_ratio_vs_ideal': fwd_flops['dense_kF'] / ideal_fwd,
       'capacity_dropped_fraction': float(stats.dropped_fraction),
+      'flop_rate': rate,
+      'dropless_rate_vs_plain_matmul': rate['moiie_dropless'] / rate['plain_matmul'],
+      'capacity_rate_vs_plain_matmul': rate['moiie_capacity'] / rate['plain_matmul'],
+      'dropless_speedup_vs_torch_loop': med['torch_mixtral_loop'] / med['moiie_dropless'],
+      'dropless_speedup_vs_torch_loop_paired': statistics.median(
+          a / b for a, b in zip(times['torch_mixtral_loop'], times['moiie_dropless'])),
+      'torch_max_abs_diff_vs_ours': torch_diff,
+      'torch': torch_version(),
   }
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as fh:
@@ -180,16 +219,85 @@ def main() -> None:
 
   print(f'MoIIE layer fwd+bwd, {result["device"]}, tokens={n} D={d} F={f} E={moe.n_experts} K={k}, '
         f'{args.iters} interleaved rounds; "x dense" against {ref}, the faster dense form')
-  print(f'{"path":<16}{"median ms":>10}{"x dense":>9}{"min ms":>9}{"x dense":>9}{"paired":>8}{"cpu ms":>9}'
-        f'{"x dense":>9}{"fwd GFLOP":>11}{"x ideal":>9}{"fwd+bwd GFLOP":>15}')
-  for name in cases:
-    print(f'{name:<16}{1e3 * med[name]:>10.1f}{med[name] / med[ref]:>9.2f}{1e3 * best[name]:>9.1f}'
+  print(f'{"path":<20}{"median ms":>10}{"x dense":>9}{"min ms":>9}{"x dense":>9}{"paired":>8}{"cpu ms":>9}'
+        f'{"x dense":>9}{"fwd GFLOP":>11}{"x ideal":>9}{"fwd+bwd GFLOP":>15}{"GFLOP/s":>9}{"x matmul":>9}')
+  for name in names:
+    print(f'{name:<20}{1e3 * med[name]:>10.1f}{med[name] / med[ref]:>9.2f}{1e3 * best[name]:>9.1f}'
           f'{best[name] / best[ref]:>9.2f}{paired[name]:>8.2f}{1e3 * med_cpu[name]:>9.1f}'
           f'{med_cpu[name] / med_cpu[ref]:>9.2f}{fwd_flops[name] / 1e9:>11.2f}'
-          f'{fwd_flops[name] / ideal_fwd:>9.3f}{step_flops[name] / 1e9:>15.2f}')
+          f'{fwd_flops[name] / ideal_fwd:>9.3f}{step_flops[name] / 1e9:>15.2f}{rate[name] / 1e9:>9.1f}'
+          f'{rate[name] / rate["plain_matmul"]:>9.2f}')
+  print(f'dropless vs the PyTorch loop-over-experts block: {result["dropless_speedup_vs_torch_loop"]:.2f}x faster '
+        f'(median wall; {result["dropless_speedup_vs_torch_loop_paired"]:.2f}x per round); outputs agree to '
+        f'{torch_diff:.1e}')
   print(f'ideal forward {ideal_fwd / 1e9:.2f} GFLOP; capacity {result["shape"]["capacity"]} rows/expert, '
         f'{100 * result["capacity_dropped_fraction"]:.1f}% of choices dropped; dropless: at most {n_blocks} tiles of '
         f'{block} rows (FLOPs counted by hand: XLA counts a scan body once); wrote {args.out}')
+
+
+def torch_version() -> str:
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.__version__
+
+
+def torch_block(block, params, x, modality, g):
+  """transformers' MixtralSparseMoeBlock with our layer's weights and the MoIIE routing in place of its gate.
+  Returns (a step running forward + backward w.r.t. parameters and input, max |its output - ours|)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import MixtralConfig  # pylint: disable=g-import-not-at-top
+  from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # pylint: disable=g-import-not-at-top
+  from moiie_jax.models.routing import router_ranges  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  moe = block.moe
+  b, t, d = x.shape
+  f = block.cfg.intermediate_size
+  e = moe.n_experts
+  tb = MixtralSparseMoeBlock(MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e,
+                                           num_experts_per_tok=moe.top_k, hidden_act='silu'))
+  as_t = lambda a: torch.from_numpy(np.array(a, np.float32))
+  ex = block.experts
+  with torch.no_grad():  # ours: kernels [E, D, F] / [E, F, D]; theirs: [E, 2F, D] (gate, then up) and [E, D, F]
+    tb.experts.gate_up_proj.copy_(torch.cat([as_t(ex.gate_proj.kernel[...]), as_t(ex.up_proj.kernel[...])],
+                                            dim=2).transpose(1, 2))
+    tb.experts.down_proj.copy_(as_t(ex.down_proj.kernel[...]).transpose(1, 2))
+  (t0, t1), (v0, v1) = router_ranges(moe)
+  image = torch.from_numpy(np.array(modality).reshape(-1) == 1)
+
+  class MoIIEGate(torch.nn.Module):
+    """The two routers, each a softmax over its own experts, top-k, renormalised; global expert indices."""
+
+    def __init__(self):
+      super().__init__()
+      self.text = torch.nn.Parameter(as_t(block.gate.kernel[...]).T.contiguous())  # [t1 - t0, D]
+      self.vis = torch.nn.Parameter(as_t(block.gate_vis.kernel[...]).T.contiguous())  # [v1 - v0, D]
+
+    def forward(self, h):
+      out = []
+      for w, start, members in ((self.text, t0, ~image), (self.vis, v0, image)):
+        probs = torch.softmax(torch.nn.functional.linear(h, w).float(), dim=-1)
+        top, idx = torch.topk(probs, moe.top_k, dim=-1)
+        out.append((members, top / top.sum(-1, keepdim=True), idx + start))
+      (m_t, w_t, i_t), (_, w_v, i_v) = out
+      scores = torch.where(m_t[:, None], w_t, w_v)
+      index = torch.where(m_t[:, None], i_t, i_v)
+      return None, scores, index
+
+  tb.gate = MoIIEGate()
+  xt = as_t(x).requires_grad_(True)
+  gt = as_t(g)
+  with torch.no_grad():
+    ours, _ = block(x, modality, jnp.ones(modality.shape, jnp.int32), capacity_factor=0.0)
+    diff = float((tb(xt) - as_t(ours)).abs().max())
+
+  def step():
+    tb.zero_grad(set_to_none=True)
+    xt.grad = None
+    loss = (tb(xt) * gt).sum()
+    loss.backward()
+    return loss
+
+  del params
+  return step, diff
 
 
 if __name__ == '__main__':

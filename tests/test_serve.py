@@ -194,6 +194,15 @@ def test_browser_chat_streams_the_greedy_answer_and_shows_routing(server, capsys
     assert all(s.get_attribute('data-group') in GROUPS and 'background' in s.get_attribute('style') for s in spans)
     assert all(len(s.get_attribute('title').split()) == 8 for s in spans)  # V, S1, S2, L and their weights
     assert driver.find_elements(By.CSS_SELECTOR, '#heatmap img')
+    # A second turn goes out in the template with the first: the JSON endpoint given that history agrees.
+    ask('Is there a circle?')
+    wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')) == 2
+             and 'Answered' in status(), 'the second answer')
+    second = driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')[1].text.strip()
+    image = base64.b64encode((server['root'] / 'cat.png').read_bytes()).decode()
+    code, out = _post(server['url'], {'prompt': 'Is there a circle?', 'image': image, 'max_new_tokens': MAX_NEW,
+                                      'history': [[QUESTION, answer]]})
+    assert code == 200 and out['answer'].strip() == second, (out, second)
     # A folder that is not a checkpoint: an error in the page; the loaded model stays.
     box = driver.find_element(By.CSS_SELECTOR, '#checkpoint textarea, #checkpoint input')
     box.clear()

@@ -103,12 +103,13 @@ def build_blocks(engine: ChatEngine, *, default_max_new_tokens: int = 128) -> gr
         yield history, state, _error('no tokens were generated'), gr.update()
         return
       shown = history + [{'role': 'user', 'content': message}, {'role': 'assistant', 'content': reply.text}]
-      state = {**state, 'last': reply}
-      yield shown, state, 'Answering...', ''
+      turns = list(state['turns'])
+      # Every update carries the answer so far as the turn's answer: a stopped answer stays in the conversation.
+      yield shown, {**state, 'turns': turns + [(message, reply.text)], 'last': reply}, 'Answering...', ''
       for reply in stream:
         shown[-1] = {'role': 'assistant', 'content': reply.text}
-        yield shown, {**state, 'last': reply}, 'Answering...', gr.update()
-      state = {**state, 'turns': state['turns'] + [(message, reply.text)], 'last': reply}
+        yield shown, {**state, 'turns': turns + [(message, reply.text)], 'last': reply}, 'Answering...', gr.update()
+      state = {**state, 'turns': turns + [(message, reply.text)], 'last': reply}
       rate = len(reply.tokens) / reply.seconds if reply.seconds else 0.0
       yield shown, state, f'Answered: {len(reply.tokens)} tokens in {reply.seconds:.1f} s ({rate:.1f} tokens/s).', ''
 

@@ -290,12 +290,8 @@ def to_bunny(cfg: config_lib.LVLMConfig, flat: Mapping[Path, Any], image_tower: 
   hold. Our routing rule is not stored: its code always routes by the CogVLM rule (`modality_rule='official'`)."""
   _check_exportable(cfg)
   flat = flat_params(flat)
-  llm = cfg.llm
-  lm = {p[1:]: v for p, v in flat.items() if p[0] == 'language_model'}
-  if llm.scan_layers:
-    from moiie_jax.convert import upcycle  # pylint: disable=import-outside-toplevel
-    looped = dataclasses.replace(llm, scan_layers=False)
-    lm, llm = upcycle.relayout(lm, llm, looped), looped
+  from moiie_jax.convert import upcycle  # pylint: disable=import-outside-toplevel
+  llm, lm = upcycle.looped_language_model(flat, cfg.llm)
   tensors = experts_to_hf(lm, llm, _expert_key, ROUTERS) if llm.moe.is_moe else {}
   tensors.update(llm_params_to_hf(lm, dataclasses.replace(llm, moe=config_lib.MoEConfig()),
                                   without_mlp=llm.moe_layers))

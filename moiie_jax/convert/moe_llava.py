@@ -284,14 +284,8 @@ def to_moe_llava(cfg: config_lib.LVLMConfig, flat: Mapping[Path, Any],
     raise ConvertError(f'export to moe-llava: vision_feature_select_strategy='
                        f'{cfg.vision_feature_select_strategy!r}; MoE-LLaVA takes [:, 1:] (drop_first)')
   flat = flat_params(flat)
-  if llm.scan_layers:
-    from moiie_jax.convert import upcycle  # pylint: disable=import-outside-toplevel
-    looped = dataclasses.replace(llm, scan_layers=False)
-    lm = upcycle.relayout({p[1:]: v for p, v in flat.items() if p[0] == 'language_model'}, llm, looped)
-    flat = {**{p: v for p, v in flat.items() if p[0] != 'language_model'},
-            **{('language_model',) + p: v for p, v in lm.items()}}
-    llm = looped
-  lm = {p[1:]: v for p, v in flat.items() if p[0] == 'language_model'}
+  from moiie_jax.convert import upcycle  # pylint: disable=import-outside-toplevel
+  llm, lm = upcycle.looped_language_model(flat, llm)
   tensors: dict[str, np.ndarray] = {}
   moe_layers = set(llm.moe_layers)
   tensors.update(experts_to_hf(lm, llm, _expert_key('model.'), {'gate': 'gate'}))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -154,12 +153,8 @@ def _looped_llm(cfg: config_lib.LVLMConfig, flat: dict, fmt: str) -> tuple[confi
   if llm.moe.is_moe:
     raise ConvertError(f'export to {fmt}: the checkpoint is a {llm.moe.variant} MoE model and {fmt} has no expert '
                        f'layers; formats that hold it: {MOE_FORMATS}')
-  lm = {p[1:]: v for p, v in flat.items() if p[0] == 'language_model'}
-  if llm.scan_layers:
-    from moiie_jax.convert import upcycle  # pylint: disable=import-outside-toplevel
-    looped = dataclasses.replace(llm, scan_layers=False)
-    lm, llm = upcycle.relayout(lm, llm, looped), looped
-  return llm, lm
+  from moiie_jax.convert import upcycle  # pylint: disable=import-outside-toplevel
+  return upcycle.looped_language_model(flat, llm)
 
 
 def to_hf_llm(cfg: config_lib.LVLMConfig, flat) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -130,6 +130,31 @@ def relayout(flat: Mapping[Path, np.ndarray], source: LLMConfig, target: LLMConf
   return stack_layers(*unstack_layers(flat, source), target)
 
 
+LM_ROOT = ('language_model',)
+
+
+def language_model_params(flat: Mapping[Path, np.ndarray]) -> dict[Path, np.ndarray]:
+  """The language model's parameters of an LVLM's flat parameters, paths relative to it."""
+  return {p[1:]: v for p, v in flat.items() if p[:1] == LM_ROOT}
+
+
+def relayout_lvlm(flat: Mapping[Path, np.ndarray], source: LLMConfig, target: LLMConfig) -> dict[Path, np.ndarray]:
+  """An LVLM's flat parameters with its language model's layers moved from `source`'s layout to `target`'s."""
+  out = {p: v for p, v in flat.items() if p[:1] != LM_ROOT}
+  out.update({LM_ROOT + p: v for p, v in relayout(language_model_params(flat), source, target).items()})
+  return out
+
+
+def looped_language_model(flat: Mapping[Path, np.ndarray], llm: LLMConfig) -> tuple[LLMConfig, dict[Path, np.ndarray]]:
+  """(`llm` with looped layers, the LVLM's language-model parameters in that layout): what every exporter writes
+  from, whichever layout the checkpoint was saved in."""
+  lm = language_model_params(flat)
+  if not llm.scan_layers:
+    return llm, lm
+  looped = dataclasses.replace(llm, scan_layers=False)
+  return looped, relayout(lm, llm, looped)
+
+
 def upcycle(dense_flat: Mapping[Path, np.ndarray], cfg: LLMConfig, rng: jax.Array, *,
             source_scan_layers: bool | None = None) -> dict[Path, np.ndarray]:
   """A dense decoder's flat parameters -> the flat parameters of the MoE decoder `cfg` (the MoE target config).

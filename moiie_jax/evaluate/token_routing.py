@@ -56,9 +56,7 @@ def _looped(model: LVLM) -> LVLM:
   cfg = model.cfg
   looped_cfg = dc.replace(cfg, llm=dc.replace(cfg.llm, scan_layers=False))
   flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  lm = {p[1:]: v for p, v in flat.items() if p[0] == 'language_model'}
-  flat = {p: v for p, v in flat.items() if p[0] != 'language_model'}
-  flat.update({('language_model',) + p: v for p, v in upcycle.relayout(lm, cfg.llm, looped_cfg.llm).items()})
+  flat = upcycle.relayout_lvlm(flat, cfg.llm, looped_cfg.llm)
   abstract = nnx.eval_shape(lambda: LVLM(looped_cfg, rngs=nnx.Rngs(0)))
   nnx.update(abstract, hf.build_state(abstract, flat, 'token routing'))
   return abstract

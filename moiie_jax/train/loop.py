@@ -93,7 +93,7 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[LVLMConfig, LVLM, di
       flat = upcycle_lvlm(flat, cfg, jax.random.key(config.seed), source_scan_layers=source_cfg.llm.scan_layers)
     elif source_cfg.llm.scan_layers != cfg.llm.scan_layers:
       # A looped checkpoint (runlocal, a conversion) into a scanned recipe, or back: the same layers, restacked.
-      flat = relayout_lvlm(flat, source_cfg, cfg)
+      flat = upcycle_lib.relayout_lvlm(flat, source_cfg.llm, cfg.llm)
   abstract = nnx.eval_shape(lambda: LVLM(cfg, rngs=nnx.Rngs(0)))
   nnx.update(abstract, hf_lib.build_state(abstract, flat, config.init.checkpoint))
   return cfg, abstract, meta
@@ -126,16 +126,6 @@ def upcycle_lvlm(flat: dict, cfg: LVLMConfig, rng: jax.Array, source_scan_layers
   out = {p: v for p, v in flat.items() if p[:1] != root}
   upcycled = upcycle_lib.upcycle(llm, cfg.llm, rng, source_scan_layers=source_scan_layers)
   out.update({root + p: v for p, v in upcycled.items()})
-  return out
-
-
-def relayout_lvlm(flat: dict, source: LVLMConfig, target: LVLMConfig) -> dict:
-  """An LVLM's flat parameters with the LLM's layers moved from `source`'s layout (looped or scanned) to
-  `target`'s."""
-  root = ('language_model',)
-  llm = {p[1:]: v for p, v in flat.items() if p[:1] == root}
-  out = {p: v for p, v in flat.items() if p[:1] != root}
-  out.update({root + p: v for p, v in upcycle_lib.relayout(llm, source.llm, target.llm).items()})
   return out
 
 

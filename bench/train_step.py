@@ -75,7 +75,8 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
   ids = rng.integers(1, cfg.llm.vocab_size, (b, t)).astype(np.int32)
   ids[:, 1:1 + n_img] = cfg.image_token_id
   size = cfg.vision.image_size
-  batch = {'input_ids': jnp.asarray(ids), 'labels': jnp.asarray(ids), 'attention_mask': jnp.ones((b, t), jnp.int32),
+  labels = np.where(ids == cfg.image_token_id, -100, ids)  # the image placeholder is outside the vocabulary
+  batch = {'input_ids': jnp.asarray(ids), 'labels': jnp.asarray(labels), 'attention_mask': jnp.ones((b, t), jnp.int32),
            'pixel_values': jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32)}
   variants = {'auto': [None], 'both': [False, True]}[flatten]
   runs = {}
@@ -98,6 +99,7 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
       jax.block_until_ready(out[2]['loss'])
       run['times'].append(time.perf_counter() - t0)
       run['state'] = out[:2]
+      run['loss'] = float(out[2]['loss'])
   model_flops = flops_lib.train_flops_per_step(cfg, b, t)
   device = jax.devices()[0]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -111,7 +113,8 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
         'tokens_per_s': b * t / sec, 'compile_seconds': run['compile_s'],
         'model_flops_per_step': model_flops,
         'compiled_flops_per_step': float(run['cost'].get('flops', float('nan'))),
-        'model_flops_per_s': model_flops / sec, 'mfu': flops_lib.mfu(model_flops, sec, 1, device.device_kind),
+        'model_flops_per_s': model_flops / sec, 'final_loss': run.get('loss'),
+        'mfu': flops_lib.mfu(model_flops, sec, 1, device.device_kind),
     })
   return rows
 

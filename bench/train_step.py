@@ -29,6 +29,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moiie_jax import compile_cache  # noqa: E402
+from moiie_jax.data.conversations import IGNORE_INDEX  # noqa: E402
 from moiie_jax.models import linear  # noqa: E402
 from moiie_jax.models import presets  # noqa: E402
 from moiie_jax.models.config import LLMConfig  # noqa: E402
@@ -75,7 +76,7 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
   ids = rng.integers(1, cfg.llm.vocab_size, (b, t)).astype(np.int32)
   ids[:, 1:1 + n_img] = cfg.image_token_id
   size = cfg.vision.image_size
-  labels = np.where(ids == cfg.image_token_id, -100, ids)  # the image placeholder is outside the vocabulary
+  labels = np.where(ids == cfg.image_token_id, IGNORE_INDEX, ids)  # the image placeholder is outside the vocabulary
   batch = {'input_ids': jnp.asarray(ids), 'labels': jnp.asarray(labels), 'attention_mask': jnp.ones((b, t), jnp.int32),
            'pixel_values': jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32)}
   variants = {'auto': [None], 'both': [False, True]}[flatten]

@@ -9,7 +9,9 @@
     recipe=demo  the recipe the arms vary: `demo` (configs/demo.py: tiny SigLIP-shaped tower and LLaMA-shaped
               decoder from scratch, on the synthetic task of data/synthetic.make_study_dataset), or a full-size
               one (`phi3_mini_moiie`, `llama3_8b_moiie`) with `data=files`, `init=` the converted checkpoint and
-              `stage1_json=`, `stage2_json=`, `eval_json=` (LLaVA records, each with a "kind"), `image_folder=`
+              `stage1_json=`, `stage2_json=`, `eval_json=` (LLaVA records, each with a "kind"), `image_folder=`,
+              and `tokenizer=` (a folder with tokenizer.json; default: the init checkpoint's, required when the
+              recipe trains from scratch, as `demo` does)
 
 Every arm is the recipe's stage-2 config plus the arm's overrides (dotted keys, listed in `arms`), so the study
 varies exactly what the paper's table varies and nothing else. Activated compute: the MoE arms route every token to
@@ -38,7 +40,7 @@ QUICK_ARMS = {1: ('dense', 'moiie'), 4: ('moiie-4', 'moiie-8-balanced')}
 
 def get_config(arg: str | None = None):
   a = recipe.parse_arg(arg, table=1, seeds=3, quick=False, recipe='demo', data='synthetic', init='',
-                       stage1_json='', stage2_json='', eval_json='', image_folder='')
+                       stage1_json='', stage2_json='', eval_json='', image_folder='', tokenizer='')
   if a.table not in TABLES:
     raise ValueError(f'config arg table={a.table}: expected one of {sorted(TABLES)} (the paper\'s Table 1 or 4)')
   if a.data not in ('synthetic', 'files'):
@@ -60,9 +62,11 @@ def get_config(arg: str | None = None):
   c.data = ml_collections.ConfigDict(dict(
       source=a.data, seed=0, n_train=48 if a.quick else 1200, n_eval=12 if a.quick else 300, image_size=32,
       # data=files: LLaVA JSON files for stage 1 and stage 2, and an eval file whose records carry a "kind"
-      # (accuracy is exact match of the greedy answer with the first reply, per kind); plus the images' folder.
+      # (accuracy is exact match of the greedy answer with the first reply, per kind); plus the images' folder and
+      # the tokenizer ('' = the init checkpoint's; a from-scratch recipe's model is sized to it).
       files=ml_collections.ConfigDict(dict(stage1_json=a.stage1_json, stage2_json=a.stage2_json,
-                                           eval_json=a.eval_json, image_folder=a.image_folder))))
+                                           eval_json=a.eval_json, image_folder=a.image_folder,
+                                           tokenizer=a.tokenizer))))
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=4, batch_size=16 if a.quick else 64, routing_items=12 if
                                           a.quick else 150))
   return c

@@ -323,7 +323,8 @@ def make_study_dataset(out_dir: str, seed: int = 0, n_train: int = 1500, n_eval:
                        image_size: int = 32) -> DemoDataset:
   """The study's task under out_dir (deterministic in `seed`), in the demo's layout: captions.json (stage 1: every
   object described), train.json (stage 2: a visual or binding question and a text question per image) and
-  eval.json (held out: n_eval questions, a third of each kind; `eval_questions` carry 'kind' and 'type')."""
+  eval.json (held out: n_eval questions, a third of each kind, each record with its 'kind'; `eval_questions` carry
+  'kind' and 'type')."""
   if min(n_train, n_eval) < len(KINDS) or image_size < 16:
     raise ValueError(f'make_study_dataset: n_train={n_train} and n_eval={n_eval} must be >= {len(KINDS)} and '
                      f'image_size={image_size} >= 16')
@@ -359,9 +360,12 @@ def make_study_dataset(out_dir: str, seed: int = 0, n_train: int = 1500, n_eval:
     eval_questions.append({'id': name[:-4], 'kind': kind, 'type': qtype, 'question': q, 'answer': a, 'image': name})
     return [{'from': 'human', 'value': '<image>\n' + q}, {'from': 'gpt', 'value': a}]
 
+  def with_kind(recs):  # eval.json carries each question's kind, as the study's data=files form expects
+    return [{**r, 'kind': q['kind']} for r, q in zip(recs, eval_questions)]
+
   # Training images alternate one and two objects (i % 3 picks kinds: visual, text -> one object, binding -> two).
   splits = {'captions': records(rng_cap, n_train, 'cap', caption), 'train': records(rng_train, n_train, 'train', train),
-            'eval': records(rng_eval, n_eval, 'eval', held_out)}
+            'eval': with_kind(records(rng_eval, n_eval, 'eval', held_out))}
   paths = {name: os.path.join(out_dir, f'{name}.json') for name in splits}
   for name, recs in splits.items():
     write_records(paths[name], recs)

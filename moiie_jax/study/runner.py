@@ -117,6 +117,9 @@ def prepare_data(config, workdir: str):
   for key in ('stage1_json', 'stage2_json', 'eval_json', 'image_folder'):
     if not f[key]:
       raise StudyError(f'study config data.files.{key}: required with data=files')
+  if not f.tokenizer and not config.stage1.init:
+    raise StudyError('study config data.files.tokenizer: required with data=files when stage 1 starts from scratch '
+                     '(no init= checkpoint to take it from)')
   try:
     with open(f.eval_json, encoding='utf-8') as fh:
       records = json.load(fh)
@@ -133,14 +136,27 @@ def prepare_data(config, workdir: str):
                        f'({type(e).__name__}: {e})') from e
   kinds = sorted({q['kind'] for q in questions})
 
+  tokenizer = f.tokenizer
+  vocab = _vocab_size(tokenizer) if tokenizer else 0  # a from-scratch model is sized to it, as on the synthetic task
+
   class Files:  # the fields the runner reads of a dataset
     eval_questions = tuple(questions)
     image_folder = f.image_folder
     captions_json = f.stage1_json
     train_json = f.stage2_json
-    tokenizer_dir = ''
-    vocab_size = 0
+    tokenizer_dir = tokenizer
+    vocab_size = vocab
   return Files, kinds, {}
+
+
+def _vocab_size(folder: str) -> int:
+  """The number of ids of `folder`/tokenizer.json (added tokens included), as the synthetic task counts them."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, 'tokenizer.json') if os.path.isdir(folder) else folder
+  try:
+    return tokenizers.Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+  except Exception as e:  # tokenizers raises a bare Exception on a missing or bad file
+    raise StudyError(f'{path}: cannot load the tokenizer ({e})') from e
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -49,9 +49,9 @@ CONFIGS = {
 }
 
 
-def build(name: str):
+def build(name: str, variant: str = 'moiie'):
   spec = CONFIGS[name]
-  moe = presets.moe_config('moiie')
+  moe = presets.moe_config(variant)
   if isinstance(spec['llm'], LLMConfig):
     presets.LLM_PRESETS['bench-1b'] = spec['llm']
     llm = 'bench-1b'
@@ -62,16 +62,18 @@ def build(name: str):
   return cfg, spec
 
 
-def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
-  """One row per variant: 'auto' one (the platform default), 'both' flattened and not, timed alternately."""
-  cfg, spec = build(name)
+def setup(name: str, variant: str = 'moiie', seq: int | None = None):
+  """(cfg, spec, graphdef, tx, params, opt_state, batch) of one config: random weights, AdamW (stage 2: everything
+  trains), and a batch of random text with the image tokens after BOS (labelled as the data pipeline labels them).
+  variant: the MoE kind or 'dense'; seq: tokens per row (default: the config's)."""
+  cfg, spec = build(name, variant)
   model = LVLM(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   opt_cfg = optimizer_lib.get_config('stage2')
   opt_cfg.total_steps = 1000
   tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
   opt_state = tx.init(params)
-  b, t, n_img = spec['batch'], spec['seq'], cfg.num_image_tokens
+  b, t, n_img = spec['batch'], seq or spec['seq'], cfg.num_image_tokens
   rng = np.random.default_rng(0)
   ids = rng.integers(1, cfg.llm.vocab_size, (b, t)).astype(np.int32)
   ids[:, 1:1 + n_img] = cfg.image_token_id
@@ -79,6 +81,13 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
   labels = np.where(ids == cfg.image_token_id, IGNORE_INDEX, ids)  # the image placeholder is outside the vocabulary
   batch = {'input_ids': jnp.asarray(ids), 'labels': jnp.asarray(labels), 'attention_mask': jnp.ones((b, t), jnp.int32),
            'pixel_values': jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32)}
+  return cfg, spec, graphdef, tx, params, opt_state, batch
+
+
+def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
+  """One row per variant: 'auto' one (the platform default), 'both' flattened and not, timed alternately."""
+  cfg, spec, graphdef, tx, params, opt_state, batch = setup(name)
+  b, t = spec['batch'], spec['seq']
   variants = {'auto': [None], 'both': [False, True]}[flatten]
   runs = {}
   for flag in variants:

@@ -172,9 +172,10 @@ class Attention(nnx.Module):
       new_kv = (k_cache, v_cache)
     keys, values, scale = keys.astype(q.dtype), values.astype(q.dtype), self.head_dim ** -0.5
     chunk = self.cfg.attention_chunk
-    if chunk and t > chunk:  # training and long prefills: bounded score memory
-      out = chunked_attention(q, keys, values, mask_bts, scale, chunk)
-    else:
-      out = dot_product_attention(q, keys, values, mask_bts, scale)
+    with jax.named_scope('attention_core'):  # scores, mask, softmax, p v: a profile's label (no computation)
+      if chunk and t > chunk:  # training and long prefills: bounded score memory
+        out = chunked_attention(q, keys, values, mask_bts, scale, chunk)
+      else:
+        out = dot_product_attention(q, keys, values, mask_bts, scale)
     y = getattr(self, self.cfg.attn_out_name)(out.reshape(b, t, self.num_heads * self.head_dim))
     return y, new_kv

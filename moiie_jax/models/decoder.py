@@ -187,16 +187,21 @@ class DecoderLayer(nnx.Module):
     """
     x_btd = partitioning.batch_sharded(x_btd)
     normed = self.input_layernorm(x_btd)
-    h, kv = self.self_attn(normed, inputs.cos, inputs.sin, inputs.mask, kv, layer, inputs.cache_index)
+    # Named scopes (the HF module names) label the compiled ops, so a profile splits the time by part
+    # (bench/step_profile.py, xprof); they change no computation.
+    with jax.named_scope('self_attn'):
+      h, kv = self.self_attn(normed, inputs.cos, inputs.sin, inputs.mask, kv, layer, inputs.cache_index)
     if self.parallel:  # the MLP reads the same normed input; both outputs join the residual together
       x_btd, h = partitioning.batch_sharded(x_btd + h), normed
     else:
       x_btd = partitioning.batch_sharded(x_btd + h)
       h = self.post_attention_layernorm(x_btd)
     if self.is_moe:
-      h, stats = self.mlp(h, inputs.modality, inputs.valid)
+      with jax.named_scope('moe'):
+        h, stats = self.mlp(h, inputs.modality, inputs.valid)
     else:
-      h, stats = self.mlp(h), None
+      with jax.named_scope('mlp'):
+        h, stats = self.mlp(h), None
     return partitioning.batch_sharded(x_btd + h), stats, kv
 
 

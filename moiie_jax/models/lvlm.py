@@ -44,9 +44,11 @@ class LVLM(nnx.Module):
 
   def image_features(self, pixel_values: jax.Array) -> jax.Array:
     """pixel_values: float32[B, H, W, C] (normalised) -> projected features [B, N, D]."""
-    feats = self.vision_tower.features(pixel_values, self.cfg.vision_feature_layer,
-                                       self.cfg.vision_feature_select_strategy)
-    return self.multi_modal_projector(feats)
+    with jax.named_scope('vision_tower'):  # a profile's label (bench/step_profile.py)
+      feats = self.vision_tower.features(pixel_values, self.cfg.vision_feature_layer,
+                                         self.cfg.vision_feature_select_strategy)
+    with jax.named_scope('multi_modal_projector'):
+      return self.multi_modal_projector(feats)
 
   def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Text embeddings with image features placed at the image tokens.

@@ -60,7 +60,8 @@ def loss_fn(model: nnx.Module, batch: Batch, cfg: LVLMConfig) -> tuple[jax.Array
   batch: input_ids int32[B, T], labels int32[B, T], attention_mask int32[B, T], pixel_values float32[B, H, W, C].
   """
   out = model(batch['input_ids'], batch.get('pixel_values'), attention_mask=batch['attention_mask'])
-  loss_sum, n_tokens = cross_entropy(out.logits, batch['labels'])
+  with jax.named_scope('loss'):  # a profile's label (bench/step_profile.py)
+    loss_sum, n_tokens = cross_entropy(out.logits, batch['labels'])
   ce = loss_sum / jnp.maximum(n_tokens, 1.0)
   metrics = {'ce_loss': ce, 'loss_tokens': n_tokens}
   loss = ce
@@ -86,8 +87,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
       return loss_fn(model, batch, cfg)
 
     (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    with jax.named_scope('optimizer'):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
     return params, opt_state, metrics
 

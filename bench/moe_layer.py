@@ -22,7 +22,6 @@ N tokens, D model width, F FFN width, E experts, K top-k.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -38,7 +37,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moiie_jax.models.config import LLMConfig, MoEConfig  # noqa: E402
-from moiie_jax.models.moe import Experts, MoEBlock, expert_capacity, weighted_aux_loss  # noqa: E402
+from moiie_jax.models.moe import MoEBlock, expert_capacity, weighted_aux_loss  # noqa: E402
 from moiie_jax.models.gmm import scan_tile  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'moe_layer.json')
@@ -123,15 +122,10 @@ def main() -> None:
       'dense_K_ffns': (dense_k_loss, dense_k_forward, dense_k),
       'moiie_capacity': (moe_loss(args.capacity_factor), moe_forward(args.capacity_factor), params),
       'moiie_dropless': (moe_loss(0.0), moe_forward(0.0), params),
-      'dropless_gate_up_apart': (moe_loss(0.0), moe_forward(0.0), params),
   }
   # value_and_grad: with grad alone XLA drops the dense FFN's last forward matmul (only its cotangent is needed),
   # which the MoE cannot do (its combine weights need the expert outputs); a training step needs the value anyway.
   steps = {name: jax.jit(jax.value_and_grad(loss, argnums=(0, 1))) for name, (loss, _, _) in cases.items()}
-  # The dropless layer as it was before gate_proj and up_proj became one grouped matmul on the scan backend: two
-  # grouped matmuls, compiled now with the join switched off (the compiled step does not retrace).
-  with gate_up_apart():
-    steps['dropless_gate_up_apart'] = steps['dropless_gate_up_apart'].lower(params, x).compile()
   for name, step in steps.items():
     for _ in range(args.warmup):
       jax.block_until_ready(step(cases[name][2], x))
@@ -174,8 +168,6 @@ def main() -> None:
   fwd_flops['moiie_dropless'] = 2 * 3 * n_blocks * block * d * f + router_flops
   step_flops['moiie_dropless_xla_one_iteration'] = step_flops['moiie_dropless']
   step_flops['moiie_dropless'] = 3 * fwd_flops['moiie_dropless']
-  fwd_flops['dropless_gate_up_apart'] = fwd_flops['moiie_dropless']
-  step_flops['dropless_gate_up_apart'] = step_flops['moiie_dropless']
   # The PyTorch block does the dropless layer's useful work: N*K rows through the three matmuls, plus the routers.
   fwd_flops['torch_mixtral_loop'] = ideal_fwd + router_flops
   step_flops['torch_mixtral_loop'] = 3 * fwd_flops['torch_mixtral_loop']
@@ -218,9 +210,6 @@ def main() -> None:
       'dropless_speedup_vs_torch_loop': med['torch_mixtral_loop'] / med['moiie_dropless'],
       'dropless_speedup_vs_torch_loop_paired': statistics.median(
           a / b for a, b in zip(times['torch_mixtral_loop'], times['moiie_dropless'])),
-      'gate_up_join_speedup': med['dropless_gate_up_apart'] / med['moiie_dropless'],
-      'gate_up_join_speedup_paired': statistics.median(
-          a / b for a, b in zip(times['dropless_gate_up_apart'], times['moiie_dropless'])),
       'torch_max_abs_diff_vs_ours': torch_diff,
       'torch': torch_version(),
   }
@@ -241,22 +230,9 @@ def main() -> None:
   print(f'dropless vs the PyTorch loop-over-experts block: {result["dropless_speedup_vs_torch_loop"]:.2f}x faster '
         f'(median wall; {result["dropless_speedup_vs_torch_loop_paired"]:.2f}x per round); outputs agree to '
         f'{torch_diff:.1e}')
-  print(f'gate_proj and up_proj as one grouped matmul (scan backend): {result["gate_up_join_speedup"]:.2f}x faster '
-        f'than apart ({result["gate_up_join_speedup_paired"]:.2f}x per round)')
   print(f'ideal forward {ideal_fwd / 1e9:.2f} GFLOP; capacity {result["shape"]["capacity"]} rows/expert, '
         f'{100 * result["capacity_dropped_fraction"]:.1f}% of choices dropped; dropless: at most {n_blocks} tiles of '
         f'{block} rows (FLOPs counted by hand: XLA counts a scan body once); wrote {args.out}')
-
-
-@contextlib.contextmanager
-def gate_up_apart():
-  """While active (at trace time), the experts run SwiGLU's gate and up projections as two grouped matmuls."""
-  join = Experts.ffn
-  Experts.ffn = lambda self, h, proj, join_gate_up=False: join(self, h, proj, join_gate_up=False)
-  try:
-    yield
-  finally:
-    Experts.ffn = join
 
 
 def torch_version() -> str:

@@ -84,34 +84,25 @@ class Experts(nnx.Module):
       # Each row's expert, for the biases; padding rows name the zero row E.
       row_expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(h.shape[0]), side='right')
 
-    def proj(p: StackedLinear | tuple[StackedLinear, ...], a: jax.Array) -> jax.Array:
-      ps = p if isinstance(p, tuple) else (p,)  # several maps: side by side on the output axis
-      w = jnp.concatenate([q.kernel[...] for q in ps], axis=-1) if len(ps) > 1 else ps[0].kernel[...]
-      w = w.astype(self.dtype)
-      bias = None if ps[0].bias is None else jnp.concatenate([q.bias[...] for q in ps], axis=-1).astype(self.dtype)
+    def proj(p: StackedLinear, a: jax.Array) -> jax.Array:
+      w = p.kernel[...].astype(self.dtype)
       if group_sizes is None:
         out = jnp.einsum('ECD,EDF->ECF', a, w)
-        return out if bias is None else out + bias[:, None, :]
+        return out if p.bias is None else out + p.bias[...].astype(self.dtype)[:, None, :]
       out = gmm.grouped_matmul(a, w, group_sizes, impl=impl)  # [M, F]
-      if bias is None:
+      if p.bias is None:
         return out
+      bias = p.bias[...].astype(self.dtype)
       return out + jnp.concatenate([bias, jnp.zeros_like(bias[:1])])[row_expert]
 
-    # The scan backend pays per (tile, group) visit, so SwiGLU's gate and up projections run as one grouped matmul
-    # over their joined [E, D, 2F] weights there: a third fewer loops, each twice as wide. Elsewhere the join would
-    # only add a copy of the weights (megablox and ragged_dot tile the work themselves).
-    join = group_sizes is not None and gmm.resolve(impl) == 'scan'
-    return self.ffn(h, proj, join_gate_up=join)
+    return self.ffn(h, proj)
 
-  def ffn(self, h: jax.Array, proj: Callable, join_gate_up: bool = False) -> jax.Array:
-    """The FFN of this kind, with `proj(p, a)` applying the stacked linear map p (or a tuple of maps, their outputs
-    side by side) to a; `join_gate_up` runs a SwiGLU's gate_proj and up_proj as one map."""
+  def ffn(self, h: jax.Array, proj: Callable[['StackedLinear', jax.Array], jax.Array]) -> jax.Array:
+    """The FFN of this kind, with `proj(p, a)` applying the stacked linear map p to a."""
     if self.gelu:
       return proj(self.fc2, gelu(self.gelu)(proj(self.fc1, h)))
     if self.fused:
       gate, up = jnp.split(proj(self.gate_up_proj, h), 2, axis=-1)
-    elif join_gate_up:
-      gate, up = jnp.split(proj((self.gate_proj, self.up_proj), h), 2, axis=-1)
     else:
       gate, up = proj(self.gate_proj, h), proj(self.up_proj, h)
     return proj(self.down_proj, jax.nn.silu(gate) * up)

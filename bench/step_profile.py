@@ -34,21 +34,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_step as train_step_bench  # noqa: E402  (bench/train_step.py: the configs and their batches)
+from moiie_jax.parallel import hlo_stats  # noqa: E402
 from moiie_jax.train import step as step_lib  # noqa: E402
 
-_OP = re.compile(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) .*?op_name="([^"]*)"')
 # Control flow: a loop's or branch's event spans its body's ops, which have events of their own.
 _CONTROL = ('while', 'conditional', 'call')
 
 
 def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """{instruction name: (output shape, op_name metadata)} of a compiled module's text."""
-  ops = {}
-  for line in hlo_text.splitlines():
-    m = _OP.match(line)
-    if m:
-      ops.setdefault(m.group(1), (m.group(2), m.group(3)))
-  return ops
+  """{instruction name: (output shape, op_name metadata)} of a compiled module's text: the instructions that carry
+  op_name metadata, control flow left out."""
+  names = hlo_stats.op_names(hlo_text)
+  comps, _ = hlo_stats.parse_module(hlo_text)
+  return {i.name: (i.shape, names[i.name]) for c in comps for i in c.instructions
+          if i.name in names and i.opcode not in _CONTROL}
 
 
 # The named scopes of the model and the step (innermost wins: attention_core lies inside self_attn).
@@ -56,21 +55,23 @@ PARTS = ('vision_tower', 'multi_modal_projector', 'self_attn', 'attention_core',
 _PART = re.compile(r'\b(' + '|'.join(PARTS) + r')\b')
 
 
+def _direction(op_name: str) -> str:
+  return 'bwd' if 'transpose(' in op_name else 'fwd'  # JAX names the backward pass transpose(jvp(...))
+
+
 def part_of(op_name: str) -> str:
   """'<scope> (fwd|bwd)': the innermost of PARTS named in op_name ('other': embeddings, norms, lm_head, ...)."""
   found = _PART.findall(op_name)
-  return f'{found[-1] if found else "other"} ({"bwd" if "transpose(" in op_name else "fwd"})'
+  return f'{found[-1] if found else "other"} ({_direction(op_name)})'
 
 
 def kind_of(op_name: str) -> str:
   """'<primitive> (fwd|bwd)' from an op_name such as jit(train_step)/transpose(jvp())/dot_general."""
-  primitive = op_name.rsplit('/', 1)[-1] or '?'
-  return f'{primitive} ({"bwd" if "transpose(" in op_name else "fwd"})'
+  return f'{op_name.rsplit("/", 1)[-1] or "?"} ({_direction(op_name)})'
 
 
 def trace_ops(fn, steps: int, ops: dict) -> dict[str, float]:
-  """Seconds per step of each traced event named like an instruction of `ops` (control flow left out), over `steps`
-  calls of fn()."""
+  """Seconds per step of each traced event named like an instruction of `ops`, over `steps` calls of fn()."""
   folder = tempfile.mkdtemp(prefix='step_profile_')
   jax.profiler.start_trace(folder)
   for _ in range(steps):
@@ -81,7 +82,7 @@ def trace_ops(fn, steps: int, ops: dict) -> dict[str, float]:
   for plane in jax.profiler.ProfileData.from_file(path).planes:
     for line in plane.lines:
       for event in line.events:
-        if event.name in ops and not event.name.startswith(_CONTROL):
+        if event.name in ops:
           totals[event.name] += event.duration_ns * 1e-9 / steps
   return dict(totals)
 

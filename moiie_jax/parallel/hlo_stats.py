@@ -455,13 +455,19 @@ def largest_arrays(hlo_text: str, top: int = 10) -> list[Buffer]:
   return _group(found, hlo_text, top)
 
 
+def op_names(hlo_text: str) -> dict[str, str]:
+  """{instruction name: the JAX op that made it} from the `op_name` metadata of a module's text, e.g.
+  'jit(train_step)/transpose(jvp(moe))/dot_general' (named scopes and transforms included)."""
+  return {m.group(1): m.group(2) for m in re.finditer(
+      r'^\s*(?:ROOT\s+)?%([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text, re.MULTILINE)}
+
+
 def _group(buffers, hlo_text: str, top: int) -> list[Buffer]:
   """Buffers of one shape (layout aside), kind and JAX op merged into one entry; the `top` largest totals."""
-  op_names = {m.group(1): m.group(2) for m in re.finditer(
-      r'^\s*(?:ROOT\s+)?%([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text, re.MULTILINE)} if hlo_text else {}
+  names = op_names(hlo_text) if hlo_text else {}
   groups: dict[tuple, Buffer] = {}
   for b in sorted(buffers, key=lambda b: -b.bytes):
-    b.op_name = op_names.get(b.name, '')
+    b.op_name = names.get(b.name, '')
     key = (re.sub(r'\{[^}]*\}', '', b.shape), b.kind, b.op_name)
     if key in groups:
       groups[key].count += 1

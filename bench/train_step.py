@@ -1,13 +1,10 @@
 """Training-step throughput: tokens/s and model FLOP/s of one jitted update (forward, backward, AdamW), with MFU
 where the device's peak is known (GPU/TPU; on a CPU it is left null).
 
-    python bench/train_step.py [--configs tiny,100m] [--steps 10] [--seq T] [--flatten auto|both]
-                               [--attention-vjp auto|both] [--out FILE]
+    python bench/train_step.py [--configs tiny,100m] [--steps 10] [--flatten auto|both] [--out FILE]
 
 --flatten both times each config twice side by side, steps alternating, with the linear layers' matmuls on
 flattened [B*T, D] rows (`models/linear.py`, the CPU default) and on [B, T, D] as nnx.Linear does.
---attention-vjp both does the same for attention's hand-written backward (`models/attention.py`, the default)
-against autodiff of the same forward. --seq overrides the configs' tokens per row (the demo's stage 2 pads to 96).
 
 Configs (MoIIE, 4 experts 1+1+2, top-2, interleaved, stage-2 optimizer: everything trains):
   tiny   tiny-llama (D 64, 4 layers) + tiny-siglip (32 px, 16 image tokens), batch 32 x 64 tokens
@@ -33,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moiie_jax import compile_cache  # noqa: E402
 from moiie_jax.data.conversations import IGNORE_INDEX  # noqa: E402
-from moiie_jax.models import attention  # noqa: E402
 from moiie_jax.models import linear  # noqa: E402
 from moiie_jax.models import presets  # noqa: E402
 from moiie_jax.models.config import LLMConfig  # noqa: E402
@@ -88,37 +84,26 @@ def setup(name: str, variant: str = 'moiie', seq: int | None = None):
   return cfg, spec, graphdef, tx, params, opt_state, batch
 
 
-# Variant label -> (flatten flag for linear.flattening, hand-written attention backward on/off).
-VARIANTS = {'auto': (None, True), 'flatten off': (False, True), 'flatten on': (True, True),
-            'attention autodiff': (None, False), 'attention vjp': (None, True)}
-
-
-def measure(name: str, steps: int, flatten: str = 'auto', attention_vjp: str = 'auto',
-            seq: int | None = None) -> list[dict]:
-  """One row per variant: 'auto' alone (the defaults), or with 'both' the two sides of the flag, timed alternately."""
-  cfg, spec, graphdef, tx, params, opt_state, batch = setup(name, seq=seq)
-  b, t = spec['batch'], seq or spec['seq']
-  variants = ['auto']
-  if flatten == 'both':
-    variants = ['flatten off', 'flatten on']
-  if attention_vjp == 'both':
-    variants = ['attention autodiff', 'attention vjp']
+def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
+  """One row per variant: 'auto' one (the platform default), 'both' flattened and not, timed alternately."""
+  cfg, spec, graphdef, tx, params, opt_state, batch = setup(name)
+  b, t = spec['batch'], spec['seq']
+  variants = {'auto': [None], 'both': [False, True]}[flatten]
   runs = {}
-  for label in variants:
-    flag, vjp = VARIANTS[label]
+  for flag in variants:
     state = jax.tree.map(jnp.copy, (params, opt_state))  # each variant its own buffers (the step donates them)
     t0 = time.perf_counter()
     # A new step function per variant: jit caches traces by function, and the switch is read when tracing.
     step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1))
-    with linear.flattening(flag), attention.hand_written_backward(vjp):
+    with linear.flattening(flag):
       compiled = step.lower(*state, batch).compile()
     compile_s = time.perf_counter() - t0
     out = compiled(*state, batch)
     jax.block_until_ready(out[2]['loss'])
-    runs[label] = dict(compiled=compiled, state=out[:2], compile_s=compile_s, times=[],
+    runs[flag] = dict(compiled=compiled, state=out[:2], compile_s=compile_s, times=[],
                       cost=compiled.cost_analysis() or {})
   for _ in range(steps):  # variants alternate, so a noisy neighbour slows both alike
-    for run in runs.values():
+    for flag, run in runs.items():
       t0 = time.perf_counter()
       out = run['compiled'](*run['state'], batch)
       jax.block_until_ready(out[2]['loss'])
@@ -129,14 +114,12 @@ def measure(name: str, steps: int, flatten: str = 'auto', attention_vjp: str = '
   device = jax.devices()[0]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   rows = []
-  for label, run in runs.items():
+  for flag, run in runs.items():
     sec = float(np.median(run['times']))
     rows.append({
-        'config': name, 'variant': label, 'flatten': {None: 'auto', False: 'off', True: 'on'}[VARIANTS[label][0]],
-        'attention_backward': 'hand-written' if VARIANTS[label][1] else 'autodiff', 'device': device.device_kind,
+        'config': name, 'flatten': {None: 'auto', False: 'off', True: 'on'}[flag], 'device': device.device_kind,
         'params': n_params, 'activated_llm_matmul_params_per_token': flops_lib.llm_matmul_params_per_token(cfg),
         'batch': b, 'seq_len': t, 'step_seconds_median': sec, 'step_seconds_min': float(np.min(run['times'])),
-        'step_seconds': run['times'],
         'tokens_per_s': b * t / sec, 'compile_seconds': run['compile_s'],
         'model_flops_per_step': model_flops,
         'compiled_flops_per_step': float(run['cost'].get('flops', float('nan'))),
@@ -151,35 +134,22 @@ def main() -> None:
   p.add_argument('--configs', default='tiny,100m')
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--flatten', default='auto', choices=('auto', 'both'))
-  p.add_argument('--attention-vjp', default='auto', choices=('auto', 'both'))
-  p.add_argument('--seq', type=int, default=None)
   p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
                                                'train_step.json'))
   args = p.parse_args()
   compile_cache.enable()
-  if args.flatten == 'both' and args.attention_vjp == 'both':
-    raise SystemExit('train_step: --flatten both and --attention-vjp both are separate comparisons; pick one')
-  rows = [r for name in args.configs.split(',')
-          for r in measure(name, args.steps, args.flatten, args.attention_vjp, args.seq)]
-  print(f'{"config":<6} {"variant":<18} {"device":<14} {"params":>12} {"batch x seq":>12} {"step s":>8} '
+  rows = [r for name in args.configs.split(',') for r in measure(name, args.steps, args.flatten)]
+  print(f'{"config":<6} {"flatten":<7} {"device":<14} {"params":>12} {"batch x seq":>12} {"step s":>8} '
         f'{"tokens/s":>10} {"model TFLOP/s":>14} {"MFU":>6}')
   for r in rows:
     mfu = '-' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'
-    print(f'{r["config"]:<6} {r["variant"]:<18} {r["device"]:<14} {r["params"]:>12,} {r["batch"]:>5} x '
+    print(f'{r["config"]:<6} {r["flatten"]:<7} {r["device"]:<14} {r["params"]:>12,} {r["batch"]:>5} x '
           f'{r["seq_len"]:<5} {r["step_seconds_median"]:>8.3f} {r["tokens_per_s"]:>10.0f} '
           f'{r["model_flops_per_s"] / 1e12:>14.4f} {mfu:>6}')
-  pairs = None  # (baseline, candidate, what the candidate is)
   if args.flatten == 'both':
-    pairs = ('flatten off', 'flatten on', 'flattened rows')
-  elif args.attention_vjp == 'both':
-    pairs = ('attention autodiff', 'attention vjp', "attention's hand-written backward")
-  if pairs:
     for name in args.configs.split(','):
-      base, new = (next(r for r in rows if r['config'] == name and r['variant'] == v) for v in pairs[:2])
-      per_step = np.median(np.array(base['step_seconds']) / np.array(new['step_seconds']))
-      print(f'{name}: {pairs[2]} {base["step_seconds_median"] / new["step_seconds_median"]:.2f}x faster '
-            f'(medians; {per_step:.2f}x median of step-by-step ratios; loss {base["final_loss"]:.6f} vs '
-            f'{new["final_loss"]:.6f})')
+      off, on = (next(r for r in rows if r['config'] == name and r['flatten'] == f) for f in ('off', 'on'))
+      print(f'{name}: flattened rows {off["step_seconds_median"] / on["step_seconds_median"]:.2f}x faster')
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump({'date': time.strftime('%Y-%m-%d'), 'rows': rows}, f, indent=2)

@@ -15,10 +15,6 @@ head, H head dim.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -47,32 +43,6 @@ def attention_mask(q_slots: jax.Array, key_valid: jax.Array, sliding_window: int
   return allowed[None] & key_valid[:, None, :]
 
 
-def _grouped_queries(q_btnh: jax.Array, g: int) -> jax.Array:
-  """q: [B, T, N, H] -> [B, G, R, T, H] (head n = g * R + r)."""
-  b, t, n, h = q_btnh.shape
-  return q_btnh.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)
-
-
-def attention_forward(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, mask_bts: jax.Array,
-                      scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(out [B, T, N, H], probs float32[B, G, R, T, S], out [B, G, R, T, H]): `dot_product_attention`'s forward.
-  Differentiated as it stands, it gives autodiff's backward (`hand_written_backward(False)`)."""
-  b, t, n, h = q_btnh.shape
-  q_bgrth = _grouped_queries(q_btnh, k_bgsh.shape[1])  # small: this call's queries only
-  batch = ((0, 1), (0, 1))
-  if q_bgrth.shape[2] * t < h:
-    scores = jax.lax.dot_general(k_bgsh, q_bgrth, (((3,), (4,)), batch)).transpose(0, 1, 3, 4, 2)  # [B, G, S, R, T]
-  else:
-    scores = jax.lax.dot_general(q_bgrth, k_bgsh, (((4,), (3,)), batch))  # [B, G, R, T, S]
-  scores = scores * jnp.asarray(scale, q_btnh.dtype)
-  scores = scores.astype(jnp.float32)
-  scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out_bgrth = jax.lax.dot_general(probs.astype(v_bgsh.dtype), v_bgsh, (((4,), (2,)), batch))  # [B, G, R, T, H]
-  return out_bgrth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), probs, out_bgrth
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def dot_product_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, mask_bts: jax.Array,
                           scale: float) -> jax.Array:
   """Softmax(q k^T * scale) v over G K/V heads without repeating them; float32 softmax.
@@ -86,61 +56,22 @@ def dot_product_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Arra
   i.e. decoding) the scores are computed as k q^T instead, k on the left as it lies, and the small [S, R * T]
   result is transposed. p v already has v as [contracted S, free H]. Prefill (many queries) keeps q k^T: there the
   transposed scores would be the bigger array.
-
-  Backward: a hand-written VJP (FlashAttention's formulas, without tiling) instead of differentiating the softmax
-  and the mask: dp = do v^T, ds = p * (dp - rowsum(do * o)) on allowed keys (0 elsewhere, as the mask's select
-  gives), then dq = ds k * scale, dk = ds^T q * scale, dv = p^T do. It touches the [B, G, R, T, S] scores in one
-  elementwise pass where autodiff made several (the select, the softmax's product, sum and difference, the scale),
-  which is what a training step on a CPU spends most of its attention time on at small head dims (bench/RESULTS.md,
-  2026-12-03 third: 1.27x on the attention core's fwd+bwd at the demo's shape). Same math as autodiff; the rowsum
-  is taken over the output's H entries instead of the S scores, so gradients differ from autodiff's by rounding.
   """
-  return attention_forward(q_btnh, k_bgsh, v_bgsh, mask_bts, scale)[0]
-
-
-def _attention_fwd(q_btnh, k_bgsh, v_bgsh, mask_bts, scale):
-  out, probs, out_bgrth = attention_forward(q_btnh, k_bgsh, v_bgsh, mask_bts, scale)
-  return out, (q_btnh, k_bgsh, v_bgsh, mask_bts, probs, out_bgrth)
-
-
-def _attention_bwd(scale, residuals, dout_btnh):
-  q_btnh, k_bgsh, v_bgsh, mask_bts, probs, out_bgrth = residuals
   b, t, n, h = q_btnh.shape
   g = k_bgsh.shape[1]
+  r = n // g
+  q_bgrth = q_btnh.reshape(b, t, g, r, h).transpose(0, 2, 3, 1, 4)  # small: this call's queries only
   batch = ((0, 1), (0, 1))
-  dout = _grouped_queries(dout_btnh, g)  # [B, G, R, T, H]
-  dprobs = jax.lax.dot_general(dout, v_bgsh, (((4,), (3,)), batch)).astype(jnp.float32)  # [B, G, R, T, S]
-  rowsum = jnp.sum(dout.astype(jnp.float32) * out_bgrth.astype(jnp.float32), axis=-1, keepdims=True)
-  dscores = jnp.where(mask_bts[:, None, None], probs * (dprobs - rowsum), 0.0)  # d(scaled scores), float32
-  dscores = dscores.astype(q_btnh.dtype) * jnp.asarray(scale, q_btnh.dtype)  # [B, G, R, T, S]
-  dq = jax.lax.dot_general(dscores, k_bgsh, (((4,), (2,)), batch))  # [B, G, R, T, H]
-  dk = jnp.einsum('bgrts,bgrth->bgsh', dscores, _grouped_queries(q_btnh, g))
-  dv = jnp.einsum('bgrts,bgrth->bgsh', probs.astype(dout.dtype), dout)
-  dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-  return dq.astype(q_btnh.dtype), dk.astype(k_bgsh.dtype), dv.astype(v_bgsh.dtype), None
-
-
-dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
-
-_HAND_WRITTEN_VJP: contextvars.ContextVar[bool] = contextvars.ContextVar('hand_written_vjp', default=True)
-
-
-@contextlib.contextmanager
-def hand_written_backward(on: bool):
-  """While active (at trace time), attention differentiates through the hand-written VJP (True, the default) or
-  through autodiff of the same forward (False: the benchmark's baseline, bench/train_step.py --attention-vjp)."""
-  token = _HAND_WRITTEN_VJP.set(on)
-  try:
-    yield on
-  finally:
-    _HAND_WRITTEN_VJP.reset(token)
-
-
-def attend(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, mask_bts: jax.Array, scale: float) -> jax.Array:
-  """`dot_product_attention`, or autodiff of its forward inside `hand_written_backward(False)`."""
-  if _HAND_WRITTEN_VJP.get():
-    return dot_product_attention(q_btnh, k_bgsh, v_bgsh, mask_bts, scale)
-  return attention_forward(q_btnh, k_bgsh, v_bgsh, mask_bts, scale)[0]
+  if r * t < h:
+    scores = jax.lax.dot_general(k_bgsh, q_bgrth, (((3,), (4,)), batch)).transpose(0, 1, 3, 4, 2)  # [B, G, S, R, T]
+  else:
+    scores = jax.lax.dot_general(q_bgrth, k_bgsh, (((4,), (3,)), batch))  # [B, G, R, T, S]
+  scores = scores * jnp.asarray(scale, q_btnh.dtype)
+  scores = scores.astype(jnp.float32)
+  scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bgsh.dtype)
+  out = jax.lax.dot_general(probs, v_bgsh, (((4,), (2,)), batch))  # [B, G, R, T, H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def chunked_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, mask_bts: jax.Array, scale: float,
@@ -162,7 +93,7 @@ def chunked_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, m
   mask_bts = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0)))
   q_cbtnh = q_btnh.reshape(b, blocks, chunk, n, h).swapaxes(0, 1)  # [C, B, chunk, N, H]
   mask_cbts = mask_bts.reshape(b, blocks, chunk, s).swapaxes(0, 1)  # [C, B, chunk, S]
-  block = jax.checkpoint(lambda qm: attend(qm[0], k_bgsh, v_bgsh, qm[1], scale))
+  block = jax.checkpoint(lambda qm: dot_product_attention(qm[0], k_bgsh, v_bgsh, qm[1], scale))
   out = jax.lax.map(block, (q_cbtnh, mask_cbts))  # [C, B, chunk, N, H]
   return out.swapaxes(0, 1).reshape(b, blocks * chunk, n, h)[:, :t]
 
@@ -245,6 +176,6 @@ class Attention(nnx.Module):
       if chunk and t > chunk:  # training and long prefills: bounded score memory
         out = chunked_attention(q, keys, values, mask_bts, scale, chunk)
       else:
-        out = attend(q, keys, values, mask_bts, scale)
+        out = dot_product_attention(q, keys, values, mask_bts, scale)
     y = getattr(self, self.cfg.attn_out_name)(out.reshape(b, t, self.num_heads * self.head_dim))
     return y, new_kv

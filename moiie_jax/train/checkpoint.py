@@ -81,6 +81,29 @@ _QUIET_IO_ERRORS = _QuietIOErrors()
 _ITEM_NAME = re.compile(r'^[A-Za-z][A-Za-z0-9_]*$')
 
 
+def _no_replica_slicing_on_cpus() -> None:
+  """On CPU devices, saves jax.Arrays without Orbax's replica-parallel slicing.
+
+  Orbax's default splits each replicated array into one slice per replica so that the replicas' devices (or
+  hosts) write a part each. CPU devices of one process share one memory, so the split only adds a slice op and a
+  write per replica and array: with 8 CPU devices (the tests' mesh) a 300-array training state took 1.9 s to save
+  with it and 0.8 s without. Orbax already turns it off for GPUs (JAX_PLATFORMS=cuda/gpu); TPUs keep the default.
+  The checkpoint's format is the same either way. Registered once, process-wide (Orbax's handler registry is global).
+  """
+  if jax.default_backend() != 'cpu':
+    return
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(current, '_use_replica_parallel', False):
+    absl_log = logging.getLogger('absl')
+    quiet = lambda record: 'overriding' not in record.getMessage()  # Orbax warns on every override
+    absl_log.addFilter(quiet)
+    try:
+      ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                              override=True)
+    finally:
+      absl_log.removeFilter(quiet)
+
+
 class Checkpointer:
   """Periodic, atomic, optionally async training checkpoints in `{directory}/<step>`.
 
@@ -98,6 +121,7 @@ class Checkpointer:
     if save_interval_steps < 1:
       raise CheckpointError(f'Checkpointer(save_interval_steps={save_interval_steps}): expected >= 1')
     self.directory = epath.Path(directory)
+    _no_replica_slicing_on_cpus()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                            create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_)

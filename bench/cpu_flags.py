@@ -1,12 +1,14 @@
-"""XLA:CPU flags for training: the training step's time under each candidate flag set, side by side in one run.
+"""XLA:CPU flags (and C allocator settings) for training: the step's time under each candidate, side by side.
 
     python bench/cpu_flags.py [--configs tiny] [--steps 10] [--rounds 2] [--only NAME,...] [--out FILE]
 
 Each candidate runs `bench/train_step.py` in its own process (flags are read once, when XLA starts) with XLA_FLAGS
-set to the candidate's flags; candidates take turns for `--rounds` rounds, so a noisy neighbour slows them alike.
-The table gives each candidate's median step time (over rounds of the per-round medians), its compile time and its
-speed-up over the baseline (no extra flags) measured in the same run; the loss after the timed steps is printed too,
-so a flag that changes the numbers shows. JSON in bench/results/cpu_flags.json.
+set to the candidate's flags and, for the allocator candidates, its environment variables (glibc reads
+GLIBC_TUNABLES once, at process start); candidates take turns for `--rounds` rounds, so a noisy neighbour slows
+them alike. The table gives each candidate's median step time (over rounds of the per-round medians), the system
+time and minor page faults per step, its compile time and its speed-up over the baseline (no extra flags) measured
+in the same run; the loss after the timed steps is printed too, so a flag that changes the numbers shows. JSON in
+bench/results/cpu_flags.json.
 """
 
 from __future__ import annotations
@@ -39,13 +41,19 @@ CANDIDATES = {
     'single_thread_fast_runtime': '--xla_cpu_multi_thread_eigen=false --xla_cpu_opt_preset=FAST_RUNTIME',
     'concurrency_fast_runtime': ('--xla_cpu_enable_concurrency_optimized_scheduler=true '
                                  '--xla_cpu_opt_preset=FAST_RUNTIME'),
+    # Not an XLA flag: transparent huge pages for the mmaps glibc serves XLA's per-call temporaries from (one
+    # buffer of ~160 MB per step at the demo's shape, zero-filled page by page otherwise; bench/RESULTS.md).
+    'malloc_hugetlb': '',
 }
+# Extra environment of a candidate (the flags above go to XLA_FLAGS).
+CANDIDATE_ENV = {'malloc_hugetlb': {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}}
 
 
 def run_one(name: str, flags: str, config: str, steps: int) -> dict:
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + flags).strip()
   env['JAX_PLATFORMS'] = 'cpu'
+  env.update(CANDIDATE_ENV.get(name, {}))
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'row.json')
     proc = subprocess.run([sys.executable, os.path.join(HERE, 'train_step.py'), '--configs', config,
@@ -81,22 +89,28 @@ def main() -> None:
     for n in names:
       ok = [r for r in per[n] if 'error' not in r]
       if not ok:
-        summary.append({'config': config, 'candidate': n, 'flags': CANDIDATES[n], 'error': per[n][0]['error']})
+        summary.append({'config': config, 'candidate': n, 'flags': CANDIDATES[n], 'env': CANDIDATE_ENV.get(n, {}),
+                        'error': per[n][0]['error']})
         continue
       sec = float(np.median([r['step_seconds_median'] for r in ok]))
-      summary.append({'config': config, 'candidate': n, 'flags': CANDIDATES[n], 'step_seconds': sec,
+      summary.append({'config': config, 'candidate': n, 'flags': CANDIDATES[n], 'env': CANDIDATE_ENV.get(n, {}),
+                      'step_seconds': sec,
                       'step_seconds_min': float(min(r['step_seconds_min'] for r in ok)),
                       'compile_seconds': float(np.median([r['compile_seconds'] for r in ok])),
+                      'sys_seconds_per_step': float(np.median([r['sys_seconds_per_step'] for r in ok])),
+                      'minor_faults_per_step': float(np.median([r['minor_faults_per_step'] for r in ok])),
                       'speedup_vs_baseline': float(base / sec), 'final_loss': ok[-1].get('final_loss'),
                       'rounds': [r['step_seconds_median'] for r in ok]})
-  print(f'{"config":<6} {"candidate":<24} {"step s":>8} {"min s":>8} {"compile s":>9} {"x base":>7} {"loss":>10}')
+  print(f'{"config":<6} {"candidate":<24} {"step s":>8} {"min s":>8} {"sys s":>7} {"faults":>8} {"compile s":>9} '
+        f'{"x base":>7} {"loss":>10}')
   for s in summary:
     if 'error' in s:
       print(f'{s["config"]:<6} {s["candidate"]:<24} error: {s["error"][:80]}')
       continue
     loss = '-' if s['final_loss'] is None else f'{s["final_loss"]:.6f}'
     print(f'{s["config"]:<6} {s["candidate"]:<24} {s["step_seconds"]:>8.3f} {s["step_seconds_min"]:>8.3f} '
-          f'{s["compile_seconds"]:>9.1f} {s["speedup_vs_baseline"]:>7.2f} {loss:>10}')
+          f'{s["sys_seconds_per_step"]:>7.3f} {s["minor_faults_per_step"]:>8.0f} {s["compile_seconds"]:>9.1f} '
+          f'{s["speedup_vs_baseline"]:>7.2f} {loss:>10}')
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   tmp = args.out + '.tmp'
   with open(tmp, 'w') as f:

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import sys
 import time
 
@@ -104,10 +105,13 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
                       cost=compiled.cost_analysis() or {})
   for _ in range(steps):  # variants alternate, so a noisy neighbour slows both alike
     for flag, run in runs.items():
-      t0 = time.perf_counter()
+      r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       out = run['compiled'](*run['state'], batch)
       jax.block_until_ready(out[2]['loss'])
       run['times'].append(time.perf_counter() - t0)
+      r1 = resource.getrusage(resource.RUSAGE_SELF)  # the process's, so this step's system time and page faults
+      run.setdefault('sys', []).append(r1.ru_stime - r0.ru_stime)
+      run.setdefault('faults', []).append(r1.ru_minflt - r0.ru_minflt)
       run['state'] = out[:2]
       run['loss'] = float(out[2]['loss'])
   model_flops = flops_lib.train_flops_per_step(cfg, b, t)
@@ -121,6 +125,7 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
         'params': n_params, 'activated_llm_matmul_params_per_token': flops_lib.llm_matmul_params_per_token(cfg),
         'batch': b, 'seq_len': t, 'step_seconds_median': sec, 'step_seconds_min': float(np.min(run['times'])),
         'tokens_per_s': b * t / sec, 'compile_seconds': run['compile_s'],
+        'sys_seconds_per_step': float(np.median(run['sys'])), 'minor_faults_per_step': float(np.median(run['faults'])),
         'model_flops_per_step': model_flops,
         'compiled_flops_per_step': float(run['cost'].get('flops', float('nan'))),
         'model_flops_per_s': model_flops / sec, 'final_loss': run.get('loss'),

@@ -101,7 +101,7 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
     compile_s = time.perf_counter() - t0
     out = compiled(*state, batch)
     jax.block_until_ready(out[2]['loss'])
-    runs[flag] = dict(compiled=compiled, state=out[:2], compile_s=compile_s, times=[],
+    runs[flag] = dict(compiled=compiled, state=out[:2], compile_s=compile_s, times=[], sys=[], faults=[],
                       cost=compiled.cost_analysis() or {})
   for _ in range(steps):  # variants alternate, so a noisy neighbour slows both alike
     for flag, run in runs.items():
@@ -110,8 +110,8 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
       jax.block_until_ready(out[2]['loss'])
       run['times'].append(time.perf_counter() - t0)
       r1 = resource.getrusage(resource.RUSAGE_SELF)  # the process's, so this step's system time and page faults
-      run.setdefault('sys', []).append(r1.ru_stime - r0.ru_stime)
-      run.setdefault('faults', []).append(r1.ru_minflt - r0.ru_minflt)
+      run['sys'].append(r1.ru_stime - r0.ru_stime)
+      run['faults'].append(r1.ru_minflt - r0.ru_minflt)
       run['state'] = out[:2]
       run['loss'] = float(out[2]['loss'])
   model_flops = flops_lib.train_flops_per_step(cfg, b, t)

@@ -268,6 +268,45 @@ def test_schedule_warmup_then_cosine():
     opt.learning_rate_schedule(_cfg('stage2', total_steps=0), 'experts')
 
 
+def test_learning_rates_as_inputs_are_bit_identical_and_leave_one_program():
+  # The loop feeds each update's lrs into the step (optimizer.learning_rates): through warmup, cosine and a floor,
+  # with accumulation, that must equal the schedules computing them in the graph to the bit, and the program must
+  # be the same for another schedule (peaks, warmup, length), so that such runs reuse one compiled step.
+  _, params, _ = _params()
+
+  def run(cfg):
+    tx, _ = opt.make_optimizer(cfg, params)
+
+    @jax.jit
+    def update(p, s, g, lrs):
+      with opt.given_learning_rates(lrs):
+        u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    return tx, update
+
+  kw = dict(total_steps=6, warmup_ratio=0.34, min_lr_ratio=0.1, lr_vision_tower=1e-3, lr_routers=3e-3,
+            grad_accum_steps=2)
+  cfg = _cfg('stage2', **kw)
+  tx, update = run(cfg)
+  lrs_at = opt.learning_rates(cfg)
+  inside = given = (params, tx.init(params))
+  for i in range(12):
+    g = _random_like(params, i)
+    inside = update(*inside, g, {})
+    given = update(*given, g, lrs_at(i // 2))
+  jax.tree.map(np.testing.assert_array_equal, inside, given)
+  assert not np.array_equal(jax.tree.leaves(given[0])[0], jax.tree.leaves(params)[0])
+  assert lrs_at(0)['routers'] == 0.0 and lrs_at(3)['routers'] == np.float32(3e-3)  # warmup: 3 updates
+  assert {k: float(v) for k, v in lrs_at(4).items()} == opt.current_lrs(cfg, 4)
+
+  other = _cfg('stage2', **{**kw, 'total_steps': 50, 'warmup_ratio': 0.1, 'lr_routers': 1.0})
+  tx2, update2 = run(other)
+  lowered = [u.lower(params, t.init(params), params, opt.learning_rates(c)(0)).as_text()
+             for t, u, c in ((tx, update, cfg), (tx2, update2, other))]
+  assert lowered[0] == lowered[1]
+
+
 def test_clipping_uses_the_trainable_norm_only():
   _, params, _ = _params()
   labels = jax.tree.leaves(opt.param_labels(params))

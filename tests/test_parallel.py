@@ -365,8 +365,8 @@ def test_remat_does_not_repeat_the_expert_exchange():
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: LVLM(c, rngs=nnx.Rngs(0))))
     step = step_lib.make_sharded_train_step(graphdef, optax.sgd(1.0), c, mesh, params, batch, donate=False)
     p, o = step.init(params)
-    compiled = step.step.lower(p, o, step.shard_batch(batch)).compile()
+    compiled = step.step.lower(p, o, step.shard_batch(batch), {}).compile()
     counts[remat] = len(re.findall(r'%all-to-all[.0-9]* = ', compiled.as_text()))
-    losses[remat] = float(compiled(p, o, step.shard_batch(batch))[2]['loss'])
+    losses[remat] = float(compiled(p, o, step.shard_batch(batch), {})[2]['loss'])
   assert counts[True] == counts[False] >= 4, counts
   assert losses[True] == pytest.approx(losses[False], rel=1e-6)

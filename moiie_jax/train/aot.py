@@ -35,10 +35,12 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from moiie_jax.parallel import hlo_stats
+from moiie_jax.parallel import sharding as sharding_lib
 from moiie_jax.parallel import topology
 from moiie_jax.train import flops as flops_lib
 from moiie_jax.train import loop
@@ -56,8 +58,9 @@ class DoesNotFit(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------- compiling
-def abstract_args(t: loop.Training) -> tuple[Any, Any, Any]:
-  """(params, opt_state, batch) as ShapeDtypeStructs carrying the step's shardings."""
+def abstract_args(t: loop.Training) -> tuple[Any, Any, Any, Any]:
+  """(params, opt_state, batch, lrs) as ShapeDtypeStructs carrying the step's shardings: the step the loop runs,
+  with every group's learning rate an input (`optimizer.learning_rates`)."""
   step = t.step
 
   def with_sharding(tree, shardings):
@@ -66,7 +69,9 @@ def abstract_args(t: loop.Training) -> tuple[Any, Any, Any]:
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t.params)
   opt_state = jax.eval_shape(step.tx.init, params)
   return (with_sharding(params, step.params_sharding), with_sharding(opt_state, step.opt_state_sharding),
-          with_sharding(t.batch, step.batch_sharding))
+          with_sharding(t.batch, step.batch_sharding),
+          {g: jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding_lib.replicated(t.mesh))
+           for g in optimizer_lib.GROUPS})
 
 
 def shard_bytes(tree: Any) -> int:
@@ -88,8 +93,7 @@ def _dump_files(folder: str, suffix: str) -> str:
 
 def compile_step(t: loop.Training, dump_dir: str):
   """`t.step.step` lowered for its mesh's devices and compiled (XLA dumps its buffer assignment in `dump_dir`)."""
-  params, opt_state, batch = abstract_args(t)
-  lowered = t.step.step.lower(params, opt_state, batch)
+  lowered = t.step.step.lower(*abstract_args(t))
   return lowered.compile(compiler_options={'xla_dump_to': dump_dir})
 
 
@@ -109,7 +113,7 @@ def compile_report(config: ml_collections.ConfigDict, topology_name: str, *, top
   processes = topology.hosts(s, devices)
   t = loop.build_training(config, devices=devices, processes=processes, abstract=True)
   rows, length = t.batch['input_ids'].shape
-  params, opt_state, _ = abstract_args(t)
+  params, opt_state, _, _ = abstract_args(t)
   chip = s.chip
   report: dict[str, Any] = {
       'topology': s.name, 'chip': chip.name, 'chips': s.chips, 'hosts': processes,

@@ -36,6 +36,13 @@ Gradient accumulation: with `grad_accum_steps = N > 1` the step above is called 
 the N-th. Schedules, clipping and Adam see only the real updates, so `total_steps` counts optimizer updates
 (= micro-steps / N) and clipping applies to the mean gradient, as in DeepSpeed and the HF Trainer.
 
+Learning rates as inputs: inside a `given_learning_rates(lrs)` context (entered at trace time, as the training step
+does when it is called with lrs) every group's schedule returns lrs[group], a traced scalar, instead of computing
+its value from the update count in the graph. The loop computes them with `learning_rates(opt_cfg)`, which runs the
+same schedule operations compiled on their own, so the step's numbers are bit-identical either way; but its compiled
+program no longer depends on the peak lrs, warmup or total_steps: runs that differ only in those reuse it (the
+persistent compilation cache), as an lr sweep or a resumed run with more steps would.
+
 Mixed precision: params (and hence Adam moments and the accumulator) stay float32; `cast_params` casts the
 floating leaves to bf16 inside the loss, so the forward/backward runs in bf16 while the cast's transpose hands back
 float32 gradients. Updates too small for bf16 (1e-5 of 1.0) still accumulate in the master copy.
@@ -43,12 +50,15 @@ float32 gradients. Updates too small for bf16 (1e-5 of 1.0) still accumulate in 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from ml_collections import config_dict
 
@@ -187,12 +197,50 @@ def _warmup_steps(opt_cfg) -> int:
   return min(math.ceil(ratio * total), total - 1)
 
 
+_GIVEN_LRS: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar('moiie_given_lrs', default=None)
+
+
+@contextlib.contextmanager
+def given_learning_rates(lrs: Mapping[str, Any] | None):
+  """While active (at trace time), each group's schedule returns lrs[group] whatever the count; None or {} = the
+  schedules' own values. See the module docstring."""
+  token = _GIVEN_LRS.set(dict(lrs) if lrs else None)
+  try:
+    yield
+  finally:
+    _GIVEN_LRS.reset(token)
+
+
 def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, group: str) -> optax.Schedule:
   """lr(count) of one group: linear 0 -> peak over the warmup, then cosine peak -> floor at `total_steps`.
 
   Identical to HF `get_cosine_schedule_with_warmup` (floor 0): the first update runs at lr 0 when warming up.
-  A frozen group gets a constant 0.
+  A frozen group gets a constant 0. Inside `given_learning_rates(lrs)` it returns lrs[group] instead.
   """
+  static = _schedule(opt_cfg, group)
+
+  def schedule(count):
+    given = _GIVEN_LRS.get()
+    return static(count) if given is None else given[group]
+
+  return schedule
+
+
+def learning_rates(opt_cfg: ml_collections.ConfigDict) -> Callable[[int], dict[str, np.float32]]:
+  """update -> {group: lr as float32} for every group (0 when frozen): the values `given_learning_rates` feeds the
+  step. The schedules run compiled on their own with an int32 count, the operations the step would otherwise run
+  on its optimizer state's count, so the values are the same to the bit."""
+  schedules = {g: _schedule(opt_cfg, g) for g in GROUPS}
+  compiled = jax.jit(lambda count: {g: s(count) for g, s in schedules.items()})
+
+  def at(update: int) -> dict[str, np.float32]:
+    return {g: np.float32(v) for g, v in jax.device_get(compiled(np.int32(update))).items()}
+
+  return at
+
+
+def _schedule(opt_cfg: ml_collections.ConfigDict, group: str) -> optax.Schedule:
+  """`learning_rate_schedule` with the schedule's numbers in the graph."""
   if group not in GROUPS:
     raise OptimizerConfigError(f'learning_rate_schedule: unknown group {group!r}; expected one of {list(GROUPS)}')
   peak = stage_param_groups(opt_cfg.stage, opt_cfg)[group]

@@ -36,6 +36,7 @@ from moiie_jax.models import moe as moe_lib
 from moiie_jax.models.config import LVLMConfig
 from moiie_jax.parallel import dispatch
 from moiie_jax.parallel import sharding as sharding_lib
+from moiie_jax.train import optimizer as optimizer_lib
 
 IGNORE = -100
 Batch = dict[str, jax.Array]
@@ -76,18 +77,20 @@ def loss_fn(model: nnx.Module, batch: Batch, cfg: LVLMConfig) -> tuple[jax.Array
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: LVLMConfig,
                     rest: Any = None) -> Callable:
-  """(params, opt_state, batch) -> (params, opt_state, metrics): one optimizer update.
+  """(params, opt_state, batch[, lrs]) -> (params, opt_state, metrics): one optimizer update.
 
-  Gradient accumulation is the optimizer's (optax.MultiSteps): each call is one micro-batch.
+  Gradient accumulation is the optimizer's (optax.MultiSteps): each call is one micro-batch. `lrs`: {group: lr} of
+  this update (`optimizer.learning_rates`), fed to the schedules (`optimizer.given_learning_rates`) so that the
+  program does not depend on the schedule's numbers; None or {} = the schedules compute them in the graph.
   """
 
-  def train_step(params: nnx.State, opt_state: Any, batch: Batch):
+  def train_step(params: nnx.State, opt_state: Any, batch: Batch, lrs: Mapping[str, Any] | None = None):
     def f(p):
       model = nnx.merge(graphdef, p, rest) if rest is not None else nnx.merge(graphdef, p)
       return loss_fn(model, batch, cfg)
 
     (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
-    with jax.named_scope('optimizer'):
+    with jax.named_scope('optimizer'), optimizer_lib.given_learning_rates(lrs):
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
@@ -119,11 +122,12 @@ class ShardedTrainStep:
   opt_state_sharding: Any
   batch_sharding: dict[str, Any]
   tx: optax.GradientTransformation
-  step: Callable  # jitted (params, opt_state, batch) -> (params, opt_state, metrics)
+  step: Callable  # jitted (params, opt_state, batch, lrs) -> (params, opt_state, metrics); lrs {} or {group: lr}
   eval_step: Callable  # jitted (params, batch) -> metrics
 
-  def __call__(self, params, opt_state, batch):
-    return self.step(params, opt_state, batch)
+  def __call__(self, params, opt_state, batch, lrs: Mapping[str, Any] | None = None):
+    """One update; `lrs` as in `make_train_step` (None: the optimizer's schedules in the graph)."""
+    return self.step(params, opt_state, batch, dict(lrs or {}))
 
   def init(self, params: Any) -> tuple[Any, Any]:
     """(params placed on the mesh, optimizer state created directly in its sharding)."""
@@ -153,9 +157,9 @@ def make_sharded_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransforma
   inner_eval = make_eval_step(graphdef, cfg, rest)
 
   # The expert-parallel context is entered inside the traced functions, so every trace (and retrace) sees it.
-  def train_step(params, opt_state, batch):
+  def train_step(params, opt_state, batch, lrs):
     with dispatch.expert_parallel(plan):
-      return inner_train(params, opt_state, batch)
+      return inner_train(params, opt_state, batch, lrs)
 
   def eval_step(params, batch):
     with dispatch.expert_parallel(plan):
@@ -165,7 +169,7 @@ def make_sharded_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransforma
   opt_state_sharding = sharding_lib.opt_state_shardings(jax.eval_shape(tx.init, _abstract(params)), params, mesh)
   batch_sharding = sharding_lib.batch_shardings(batch, mesh)
   metrics_sharding = sharding_lib.replicated(mesh)
-  step = jax.jit(train_step, in_shardings=(params_sharding, opt_state_sharding, batch_sharding),
+  step = jax.jit(train_step, in_shardings=(params_sharding, opt_state_sharding, batch_sharding, metrics_sharding),
                  out_shardings=(params_sharding, opt_state_sharding, metrics_sharding),
                  donate_argnums=(0, 1) if donate else ())
   evaluate = jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding), out_shardings=metrics_sharding)

@@ -15,6 +15,10 @@ receive no gradient. Backends (`MoEConfig.grouped_matmul`):
                 computed. Off a TPU it runs in Pallas interpret mode (slow; for tests).
   'auto'        by the target platform: TPU -> megablox, GPU -> ragged_dot, anything else -> scan.
 
+`grouped_ffn(x, w_in, b_in, w_out, b_out, group_sizes, act)` runs a whole expert FFN on the scan backend, every
+projection of a row tile in one loop body (forward and backward), so its [R, F] activations stay in cache; the
+same products as `grouped_matmul` per projection (the same values, to the bit but for the biases' gradients).
+
 The target platform is `jax.default_backend()` unless a `target_platform(...)` context says otherwise: compiling
 ahead of time for a TPU slice on a CPU host must pick (and lower, not interpret) the TPU kernel. Like every
 context read at trace time it must be entered inside the traced function (jit's cache does not key on it);
@@ -30,13 +34,15 @@ import contextvars
 import dataclasses
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from moiie_jax.models.config import GROUPED_MATMULS, ConfigError
 
-__all__ = ['GROUPED_MATMULS', 'MEGABLOX_TILES', 'grouped_matmul', 'resolve', 'target_platform', 'platform']
+__all__ = ['GROUPED_MATMULS', 'MEGABLOX_TILES', 'grouped_ffn', 'grouped_matmul', 'resolve', 'target_platform',
+           'platform']
 
 # Preferred megablox tiles (rows, contraction, output), MaxText's defaults; each is cut to fit the problem.
 MEGABLOX_TILES = (512, 1024, 1024)
@@ -182,6 +188,126 @@ def _scan_gmm_bwd(tile, res, g):
 
 
 _scan_gmm.defvjp(_scan_gmm_fwd, _scan_gmm_bwd)
+
+
+# ------------------------------------------------------------------------------------------------ fused FFN (scan)
+def grouped_ffn(x: jax.Array, w_in: tuple[jax.Array, ...], b_in: tuple[jax.Array | None, ...], w_out: jax.Array,
+                b_out: jax.Array | None, group_sizes: jax.Array, act: Callable[..., jax.Array], *,
+                tile_rows: int | None = None) -> jax.Array:
+  """A whole expert FFN per group on the scan backend: y = act(x w_in[0][g] + b_in[0][g], ...) w_out[g] + b_out[g].
+
+  x: [M, D] rows sorted by group; w_in: [G, D, F_i] each (SwiGLU's gate and up, Phi-3's joined gate_up, or
+  fc1), b_in: [G, F_i] or None each; act: the activation, (*[R, F_i]) -> [R, F], elementwise over rows;
+  w_out: [G, F, D], b_out: [G, D] or None -> [M, D]; rows past sum(group_sizes) give 0 and get no gradient.
+
+  The same products as `grouped_matmul` per projection, tile by tile, but one loop runs every projection of a
+  tile while its [R, F] activations are in cache, forward and backward, instead of one loop per projection with
+  [M, F] activations and their gradients passing through memory between them. Same values as the projections
+  one by one (the same [R, ...] products and elementwise operations), except the biases' gradients, summed per
+  tile here. A custom VJP keeps x, the weights and the pre-activations ([M, F_i] each, as autodiff of the
+  separate form would) as residuals.
+  """
+  if x.ndim != 2 or w_out.ndim != 3 or any(w.shape[:2] != (w_out.shape[0], x.shape[1]) for w in w_in):
+    raise ValueError(f'grouped_ffn: expected x [M, D], w_in [G, D, F_i], w_out [G, F, D]; got x {x.shape}, '
+                     f'w_in {[w.shape for w in w_in]}, w_out {w_out.shape}')
+  tile = tile_rows or scan_tile(x.shape[0], w_out.shape[0])
+  n, biases = len(w_in), (*b_in, b_out)
+  present = [i for i, b in enumerate(biases) if b is not None]
+  arrays = _vary_alike(x, w_out, group_sizes.astype(jnp.int32), *w_in, *(biases[i] for i in present))
+  x, w_out, sizes, w_in = arrays[0], arrays[1], arrays[2], tuple(arrays[3:3 + n])
+  varied = dict(zip(present, arrays[3 + n:]))
+  b_in, b_out = tuple(varied.get(i) for i in range(n)), varied.get(n)
+  return _fused_ffn(x, w_in, b_in, w_out, b_out, sizes, act, tile)
+
+
+def _take(a: jax.Array, row0, tile: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(a, row0, tile)
+
+
+def _put(out: jax.Array, value: jax.Array, row0, tile: int, mask: jax.Array) -> jax.Array:
+  """Writes value [R, ...] into out's rows [row0, row0 + R) where mask holds, keeping the rest."""
+  prev = _take(out, row0, tile)
+  return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask[:, None], value.astype(out.dtype), prev), row0, 0)
+
+
+def _add_at(acc: jax.Array, g, value: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, g, keepdims=False) + value, g, 0)
+
+
+def _pre_activations(x_t, w_in, b_in, g):
+  pre = []
+  for w, b in zip(w_in, b_in):
+    a = x_t @ jax.lax.dynamic_index_in_dim(w, g, keepdims=False)
+    pre.append(a if b is None else a + jax.lax.dynamic_index_in_dim(b, g, keepdims=False).astype(a.dtype))
+  return pre
+
+
+def _ffn_forward(x, w_in, b_in, w_out, b_out, sizes, act, tile, keep: bool):
+  """(y [M, D], pre-activations [Mp, F_i] each if keep else ())."""
+  x_pad = _pad_rows(x, tile)
+  dtype = jnp.result_type(x, w_out)
+  y = jax.lax.full_like(x_pad, 0, dtype, (x_pad.shape[0], w_out.shape[2]))
+  kept = tuple(jax.lax.full_like(x_pad, 0, dtype, (x_pad.shape[0], w.shape[2])) for w in w_in) if keep else ()
+
+  def step(carry, g, row0, mask):
+    y, kept = carry
+    pre = _pre_activations(_take(x_pad, row0, tile), w_in, b_in, g)
+    out = act(*pre) @ jax.lax.dynamic_index_in_dim(w_out, g, keepdims=False)
+    if b_out is not None:
+      out = out + jax.lax.dynamic_index_in_dim(b_out, g, keepdims=False).astype(out.dtype)
+    kept = tuple(_put(k, a, row0, tile, mask) for k, a in zip(kept, pre))
+    return _put(y, out, row0, tile, mask), kept
+
+  y, kept = _loop(sizes, tile, (y, kept), step)
+  return y[:x.shape[0]], kept
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fused_ffn(x, w_in, b_in, w_out, b_out, sizes, act, tile):
+  return _ffn_forward(x, w_in, b_in, w_out, b_out, sizes, act, tile, keep=False)[0]
+
+
+def _fused_ffn_fwd(x, w_in, b_in, w_out, b_out, sizes, act, tile):
+  y, kept = _ffn_forward(x, w_in, b_in, w_out, b_out, sizes, act, tile, keep=True)
+  return y, (x, w_in, b_in, w_out, b_out, sizes, kept)
+
+
+def _fused_ffn_bwd(act, tile, res, dy):
+  x, w_in, b_in, w_out, b_out, sizes, kept = res
+  x_pad, dy_pad = _pad_rows(x, tile), _pad_rows(dy, tile)
+  f32 = jnp.float32
+  zeros = lambda a: None if a is None else jax.lax.full_like(a, 0, f32)
+  init = (jax.lax.full_like(x_pad, 0, x.dtype), tuple(zeros(w) for w in w_in), tuple(zeros(b) for b in b_in),
+          zeros(w_out), zeros(b_out))
+
+  def step(carry, g, row0, mask):
+    dx, dw_in, db_in, dw_out, db_out = carry
+    rows = mask[:, None]
+    dy_t = jnp.where(rows, _take(dy_pad, row0, tile), 0)  # other groups' rows give no gradient here
+    x_t = jnp.where(rows, _take(x_pad, row0, tile), 0)
+    h, act_vjp = jax.vjp(act, *(_take(k, row0, tile) for k in kept))
+    dw_out = _add_at(dw_out, g, jnp.dot(jnp.where(rows, h, 0).T, dy_t, preferred_element_type=f32))
+    if db_out is not None:
+      db_out = _add_at(db_out, g, jnp.sum(dy_t.astype(f32), axis=0))
+    dh = dy_t @ jax.lax.dynamic_index_in_dim(w_out, g, keepdims=False).T
+    d_pre = act_vjp(dh.astype(h.dtype))
+    dx_t = None
+    dw_in, db_in = list(dw_in), list(db_in)
+    for i, (w, da) in enumerate(zip(w_in, d_pre)):
+      dw_in[i] = _add_at(dw_in[i], g, jnp.dot(x_t.T, da, preferred_element_type=f32))
+      if db_in[i] is not None:
+        db_in[i] = _add_at(db_in[i], g, jnp.sum(da.astype(f32), axis=0))
+      part = da @ jax.lax.dynamic_index_in_dim(w, g, keepdims=False).T
+      dx_t = part if dx_t is None else dx_t + part
+    return _put(dx, dx_t, row0, tile, mask), tuple(dw_in), tuple(db_in), dw_out, db_out
+
+  dx, dw_in, db_in, dw_out, db_out = _loop(sizes, tile, init, step)
+  cast = lambda d, like: None if d is None else d.astype(like.dtype)
+  return (dx[:x.shape[0]], tuple(cast(d, w) for d, w in zip(dw_in, w_in)),
+          tuple(cast(d, b) for d, b in zip(db_in, b_in)), cast(dw_out, w_out), cast(db_out, b_out), None)
+
+
+_fused_ffn.defvjp(_fused_ffn_fwd, _fused_ffn_bwd)
 
 
 # ------------------------------------------------------------------------------------------------ megablox

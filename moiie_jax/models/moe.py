@@ -12,8 +12,9 @@ scatters D-wide rows. With a capacity (capacity_factor > 0) the rows form an [E,
 as one batched matmul. Dropless (capacity_factor <= 0) packs the N*K choices into rows sorted by expert, without
 padding (a dropless [E, C, D] buffer would need E*N rows), and runs each projection as one grouped matmul with the
 experts' choice counts as group sizes (`models.gmm`: a blocked scan, `lax.ragged_dot` or the Pallas megablox
-kernel, chosen by `MoEConfig.grouped_matmul`). `moe_reference` is a plain dropless loop over experts: the oracle
-for every path.
+kernel, chosen by `MoEConfig.grouped_matmul`); on the scan backend the whole expert FFN runs per row tile
+(`gmm.grouped_ffn`; `separate_projections()` turns that off). `moe_reference` is a plain dropless loop
+over experts: the oracle for every path.
 
 B batch, T tokens, N = B*T positions, D model width, F FFN width, E experts, C capacity, K top-k, S slots
 (E*C, or N*K in the dropless grouped layout), M rows of a grouped matmul.
@@ -38,7 +39,7 @@ from moiie_jax.models.routing import (MoEStats, assign_grouped, assign_slots, au
                                       token_weights, weighted_aux_loss)
 
 __all__ = ['Experts', 'MoEBlock', 'MoEStats', 'aux_loss', 'layer_aux_loss', 'moe_reference', 'weighted_aux_loss',
-           'expert_capacity', 'expert_counts']
+           'expert_capacity', 'expert_counts', 'separate_projections']
 
 
 class StackedLinear(nnx.Module):
@@ -80,6 +81,12 @@ class Experts(nnx.Module):
     group_sizes int32[E] rows each (rows past their sum are padding and give 0), run by the `gmm` backend `impl`.
     Returns the same shape in the compute dtype."""
     h = h.astype(self.dtype)
+    if group_sizes is not None and gmm.resolve(impl) == 'scan' and _FUSED_SCAN.get():
+      # The whole FFN per row tile, its [R, F] activations kept in cache (see gmm.grouped_ffn).
+      ins, act, out = self.parts()
+      w = lambda p: p.kernel[...].astype(self.dtype)
+      b = lambda p: None if p.bias is None else p.bias[...].astype(self.dtype)
+      return gmm.grouped_ffn(h, tuple(w(p) for p in ins), tuple(b(p) for p in ins), w(out), b(out), group_sizes, act)
     if group_sizes is not None:
       # Each row's expert, for the biases; padding rows name the zero row E.
       row_expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(h.shape[0]), side='right')
@@ -97,15 +104,42 @@ class Experts(nnx.Module):
 
     return self.ffn(h, proj)
 
+  def parts(self) -> tuple[tuple['StackedLinear', ...], Callable[..., jax.Array], 'StackedLinear']:
+    """(input projections, the activation over their outputs, output projection) of this FFN kind."""
+    if self.gelu:
+      return (self.fc1,), gelu(self.gelu), self.fc2
+    if self.fused:
+      return (self.gate_up_proj,), _joined_swiglu, self.down_proj
+    return (self.gate_proj, self.up_proj), _swiglu, self.down_proj
+
   def ffn(self, h: jax.Array, proj: Callable[['StackedLinear', jax.Array], jax.Array]) -> jax.Array:
     """The FFN of this kind, with `proj(p, a)` applying the stacked linear map p to a."""
-    if self.gelu:
-      return proj(self.fc2, gelu(self.gelu)(proj(self.fc1, h)))
-    if self.fused:
-      gate, up = jnp.split(proj(self.gate_up_proj, h), 2, axis=-1)
-    else:
-      gate, up = proj(self.gate_proj, h), proj(self.up_proj, h)
-    return proj(self.down_proj, jax.nn.silu(gate) * up)
+    ins, act, out = self.parts()
+    return proj(out, act(*(proj(p, h) for p in ins)))
+
+
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  return jax.nn.silu(gate) * up
+
+
+def _joined_swiglu(gate_up: jax.Array) -> jax.Array:  # Phi-3's gate_up_proj output: gate first, then up
+  return _swiglu(*jnp.split(gate_up, 2, axis=-1))
+
+
+# Whether the grouped layout on the scan backend runs each expert's FFN fused per row tile (gmm.grouped_ffn, the
+# default) or as one grouped matmul per projection; the latter for benchmarks and tests that compare the two.
+_FUSED_SCAN: contextvars.ContextVar[bool] = contextvars.ContextVar('moiie_fused_scan', default=True)
+
+
+@contextlib.contextmanager
+def separate_projections():
+  """While active (at trace time), the scan backend runs one grouped matmul per projection instead of fusing the
+  expert FFN per row tile."""
+  token = _FUSED_SCAN.set(False)
+  try:
+    yield
+  finally:
+    _FUSED_SCAN.reset(token)
 
 
 # The two gathers between positions and slots. Choices and slots are in a partial one-to-one correspondence, so

@@ -228,13 +228,19 @@ def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, group: str) -> op
 
 def learning_rates(opt_cfg: ml_collections.ConfigDict) -> Callable[[int], dict[str, np.float32]]:
   """update -> {group: lr as float32} for every group (0 when frozen): the values `given_learning_rates` feeds the
-  step. The schedules run compiled on their own with an int32 count, the operations the step would otherwise run
-  on its optimizer state's count, so the values are the same to the bit."""
+  step. The schedules run compiled on their own over every update count at once (int32, as the step's optimizer
+  state counts; elementwise, so the same values to the bit as one count at a time in the step), here, before
+  training: computing them per update instead would queue behind the running step on a CPU device and stall the
+  loop's host work. Past total_steps the last value holds (the schedules are constant there)."""
   schedules = {g: _schedule(opt_cfg, g) for g in GROUPS}
-  compiled = jax.jit(lambda count: {g: s(count) for g, s in schedules.items()})
+  counts = jnp.arange(int(opt_cfg.total_steps) + 1, dtype=jnp.int32)
+  table = jax.device_get(jax.jit(lambda c: {g: s(c) for g, s in schedules.items()})(counts))
+  table = {g: np.broadcast_to(np.asarray(v, np.float32), counts.shape) for g, v in table.items()}  # frozen: a scalar
+  last = int(opt_cfg.total_steps)
 
   def at(update: int) -> dict[str, np.float32]:
-    return {g: np.float32(v) for g, v in jax.device_get(compiled(np.int32(update))).items()}
+    i = min(int(update), last)
+    return {g: v[i] for g, v in table.items()}
 
   return at
 

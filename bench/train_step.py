@@ -1,10 +1,12 @@
 """Training-step throughput: tokens/s and model FLOP/s of one jitted update (forward, backward, AdamW), with MFU
 where the device's peak is known (GPU/TPU; on a CPU it is left null).
 
-    python bench/train_step.py [--configs tiny,100m] [--steps 10] [--flatten auto|both] [--out FILE]
+    python bench/train_step.py [--configs tiny,100m] [--steps 10] [--compare flatten|expert_ffn] [--out FILE]
 
---flatten both times each config twice side by side, steps alternating, with the linear layers' matmuls on
-flattened [B*T, D] rows (`models/linear.py`, the CPU default) and on [B, T, D] as nnx.Linear does.
+--compare times each config twice side by side, steps alternating, with a switch off and on: `flatten`, the linear
+layers' matmuls on flattened [B*T, D] rows (`models/linear.py`, the CPU default) or on [B, T, D] as nnx.Linear
+does (`--flatten both` is the same); `expert_ffn`, the dropless experts on the CPU's scan backend fused per row
+tile (`gmm.grouped_ffn`, the default) or as one grouped matmul per projection (`moe.separate_projections`).
 
 Configs (MoIIE, 4 experts 1+1+2, top-2, interleaved, stage-2 optimizer: everything trains):
   tiny   tiny-llama (D 64, 4 layers) + tiny-siglip (32 px, 16 image tokens), batch 32 x 64 tokens
@@ -15,6 +17,7 @@ Configs (MoIIE, 4 experts 1+1+2, top-2, interleaved, stage-2 optimizer: everythi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moiie_jax import compile_cache  # noqa: E402
 from moiie_jax.data.conversations import IGNORE_INDEX  # noqa: E402
 from moiie_jax.models import linear  # noqa: E402
+from moiie_jax.models import moe as moe_lib  # noqa: E402
 from moiie_jax.models import presets  # noqa: E402
 from moiie_jax.models.config import LLMConfig  # noqa: E402
 from moiie_jax.models.lvlm import LVLM  # noqa: E402
@@ -85,18 +89,25 @@ def setup(name: str, variant: str = 'moiie', seq: int | None = None):
   return cfg, spec, graphdef, tx, params, opt_state, batch
 
 
-def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
-  """One row per variant: 'auto' one (the platform default), 'both' flattened and not, timed alternately."""
+# --compare's switches: (label, context entered while tracing the step) off, then on (the default).
+SWITCHES = {
+    'flatten': (('off', lambda: linear.flattening(False)), ('on', lambda: linear.flattening(True))),
+    'expert_ffn': (('apart', moe_lib.separate_projections), ('fused', contextlib.nullcontext)),
+}
+
+
+def measure(name: str, steps: int, compare: str | None = None) -> list[dict]:
+  """One row per variant: the platform defaults, or each side of a `SWITCHES` entry, timed alternately."""
   cfg, spec, graphdef, tx, params, opt_state, batch = setup(name)
   b, t = spec['batch'], spec['seq']
-  variants = {'auto': [None], 'both': [False, True]}[flatten]
+  variants = SWITCHES[compare] if compare else (('auto', contextlib.nullcontext),)
   runs = {}
-  for flag in variants:
+  for flag, switch in variants:
     state = jax.tree.map(jnp.copy, (params, opt_state))  # each variant its own buffers (the step donates them)
     t0 = time.perf_counter()
     # A new step function per variant: jit caches traces by function, and the switch is read when tracing.
     step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1))
-    with linear.flattening(flag):
+    with switch():
       compiled = step.lower(*state, batch).compile()
     compile_s = time.perf_counter() - t0
     out = compiled(*state, batch)
@@ -121,7 +132,8 @@ def measure(name: str, steps: int, flatten: str = 'auto') -> list[dict]:
   for flag, run in runs.items():
     sec = float(np.median(run['times']))
     rows.append({
-        'config': name, 'flatten': {None: 'auto', False: 'off', True: 'on'}[flag], 'device': device.device_kind,
+        'config': name, 'compare': compare, 'variant': flag, 'flatten': flag if compare == 'flatten' else 'auto',
+        'device': device.device_kind,
         'params': n_params, 'activated_llm_matmul_params_per_token': flops_lib.llm_matmul_params_per_token(cfg),
         'batch': b, 'seq_len': t, 'step_seconds_median': sec, 'step_seconds_min': float(np.min(run['times'])),
         'tokens_per_s': b * t / sec, 'compile_seconds': run['compile_s'],
@@ -138,23 +150,28 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument('--configs', default='tiny,100m')
   p.add_argument('--steps', type=int, default=10)
-  p.add_argument('--flatten', default='auto', choices=('auto', 'both'))
+  p.add_argument('--compare', choices=tuple(SWITCHES), help='time a switch off and on, side by side')
+  p.add_argument('--flatten', default='auto', choices=('auto', 'both'), help='both = --compare flatten')
   p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
                                                'train_step.json'))
   args = p.parse_args()
   compile_cache.enable()
-  rows = [r for name in args.configs.split(',') for r in measure(name, args.steps, args.flatten)]
-  print(f'{"config":<6} {"flatten":<7} {"device":<14} {"params":>12} {"batch x seq":>12} {"step s":>8} '
+  compare = args.compare or ('flatten' if args.flatten == 'both' else None)
+  rows = [r for name in args.configs.split(',') for r in measure(name, args.steps, compare)]
+  print(f'{"config":<6} {"variant":<7} {"device":<14} {"params":>12} {"batch x seq":>12} {"step s":>8} '
         f'{"tokens/s":>10} {"model TFLOP/s":>14} {"MFU":>6}')
   for r in rows:
     mfu = '-' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'
-    print(f'{r["config"]:<6} {r["flatten"]:<7} {r["device"]:<14} {r["params"]:>12,} {r["batch"]:>5} x '
+    print(f'{r["config"]:<6} {r["variant"]:<7} {r["device"]:<14} {r["params"]:>12,} {r["batch"]:>5} x '
           f'{r["seq_len"]:<5} {r["step_seconds_median"]:>8.3f} {r["tokens_per_s"]:>10.0f} '
           f'{r["model_flops_per_s"] / 1e12:>14.4f} {mfu:>6}')
-  if args.flatten == 'both':
+  if compare:
     for name in args.configs.split(','):
-      off, on = (next(r for r in rows if r['config'] == name and r['flatten'] == f) for f in ('off', 'on'))
-      print(f'{name}: flattened rows {off["step_seconds_median"] / on["step_seconds_median"]:.2f}x faster')
+      off, on = (next(r for r in rows if r['config'] == name and r['variant'] == label)
+                 for label, _ in SWITCHES[compare])
+      print(f'{name}: {compare} {on["variant"]} vs {off["variant"]}: '
+            f'{off["step_seconds_median"] / on["step_seconds_median"]:.2f}x faster (median step), same loss: '
+            f'{off["final_loss"] == on["final_loss"]} ({on["final_loss"]:.6f})')
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump({'date': time.strftime('%Y-%m-%d'), 'rows': rows}, f, indent=2)

@@ -159,6 +159,7 @@ def test_non_finite_state_is_never_saved_and_a_sane_rerun_continues(tmp_path):
   sane = dict(total_steps=2, checkpoint_every=1, log_every=1, global_batch_size=4, export_final=False,
               keep_checkpoints=5)
   loop.train(_config('stage=2', **sane), workdir, progress=False)
+  built = list(loop._STEPS.values())[-1]
   from moiie_jax.train import checkpoint, optimizer
 
   def blow_up(lr):
@@ -174,6 +175,8 @@ def test_non_finite_state_is_never_saved_and_a_sane_rerun_continues(tmp_path):
                      (1e300, 'the parameters or optimizer state it updated are not finite')):
     with pytest.raises(loop.NonFiniteLossError, match=rf'step 3: loss is .* but {reason}.*\(step 2\)'):
       loop.train(blow_up(lr), workdir, progress=False)
+  # Other lrs and length, the same program (lrs are inputs): each run reused the step the first one built.
+  assert list(loop._STEPS.values())[-1] is built
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.latest_step() == 2
   restored = ckpt.restore(2)

@@ -148,16 +148,28 @@ def _pad_rows(a: jax.Array, tile: int) -> jax.Array:
   return jnp.pad(a, ((0, extra), (0, 0))) if extra else a
 
 
+def _take(a: jax.Array, row0, tile: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(a, row0, tile)
+
+
+def _put(out: jax.Array, value: jax.Array, row0, tile: int, mask: jax.Array) -> jax.Array:
+  """Writes value [R, ...] into out's rows [row0, row0 + R) where mask holds, keeping the rest."""
+  prev = _take(out, row0, tile)
+  return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask[:, None], value.astype(out.dtype), prev), row0, 0)
+
+
+def _add_at(acc: jax.Array, g, value: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, g, keepdims=False) + value, g, 0)
+
+
 def _tile_product(a_pad: jax.Array, w: jax.Array, sizes: jax.Array, tile: int, transpose: bool) -> jax.Array:
   """Rows of a_pad [Mp, A] through w[g] ([A, B], or w[g].T when transposed), written only where a group owns them."""
   width = w.shape[1] if transpose else w.shape[2]
 
   def step(out, g, row0, mask):
-    a_t = jax.lax.dynamic_slice_in_dim(a_pad, row0, tile)  # [R, A]
+    a_t = _take(a_pad, row0, tile)  # [R, A]
     w_g = jax.lax.dynamic_index_in_dim(w, g, keepdims=False)  # [K, N]: a slice, not a gathered copy
-    prod = a_t @ (w_g.T if transpose else w_g)
-    prev = jax.lax.dynamic_slice_in_dim(out, row0, tile)
-    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask[:, None], prod.astype(out.dtype), prev), row0, 0)
+    return _put(out, a_t @ (w_g.T if transpose else w_g), row0, tile, mask)
 
   return _loop(sizes, tile, jax.lax.full_like(a_pad, 0, jnp.result_type(a_pad, w), (a_pad.shape[0], width)), step)
 
@@ -178,10 +190,8 @@ def _scan_gmm_bwd(tile, res, g):
   dx = _tile_product(g_pad, w, sizes, tile, transpose=True)[:x.shape[0]]
 
   def accumulate(dw, e, row0, mask):
-    x_t = jnp.where(mask[:, None], jax.lax.dynamic_slice_in_dim(x_pad, row0, tile), 0)  # [R, K], its group's rows
-    g_t = jax.lax.dynamic_slice_in_dim(g_pad, row0, tile)  # [R, N]
-    upd = jnp.dot(x_t.T, g_t, preferred_element_type=jnp.float32)  # [K, N]
-    return jax.lax.dynamic_update_index_in_dim(dw, jax.lax.dynamic_index_in_dim(dw, e, keepdims=False) + upd, e, 0)
+    x_t = jnp.where(mask[:, None], _take(x_pad, row0, tile), 0)  # [R, K], its group's rows
+    return _add_at(dw, e, jnp.dot(x_t.T, _take(g_pad, row0, tile), preferred_element_type=jnp.float32))  # [K, N]
 
   dw = _loop(sizes, tile, jax.lax.full_like(w, 0, jnp.float32), accumulate)
   return dx.astype(x.dtype), dw.astype(w.dtype), None
@@ -218,20 +228,6 @@ def grouped_ffn(x: jax.Array, w_in: tuple[jax.Array, ...], b_in: tuple[jax.Array
   varied = dict(zip(present, arrays[3 + n:]))
   b_in, b_out = tuple(varied.get(i) for i in range(n)), varied.get(n)
   return _fused_ffn(x, w_in, b_in, w_out, b_out, sizes, act, tile)
-
-
-def _take(a: jax.Array, row0, tile: int) -> jax.Array:
-  return jax.lax.dynamic_slice_in_dim(a, row0, tile)
-
-
-def _put(out: jax.Array, value: jax.Array, row0, tile: int, mask: jax.Array) -> jax.Array:
-  """Writes value [R, ...] into out's rows [row0, row0 + R) where mask holds, keeping the rest."""
-  prev = _take(out, row0, tile)
-  return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask[:, None], value.astype(out.dtype), prev), row0, 0)
-
-
-def _add_at(acc: jax.Array, g, value: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, g, keepdims=False) + value, g, 0)
 
 
 def _pre_activations(x_t, w_in, b_in, g):

@@ -10,6 +10,7 @@ use (a config value, the data, a workdir of another run, a full or read-only dis
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -216,6 +217,37 @@ class Training:
     return int(self.opt_cfg.total_steps) * int(self.opt_cfg.grad_accum_steps)
 
 
+# Steps built in this process, by everything their program depends on; not the schedule, whose lrs are inputs of
+# the step (`optimizer.given_learning_rates`). A later run in the process with the same model, optimizer settings,
+# mesh and batch shapes (another lr, length or seed; a resumed run; the study's seeds; the tests) reuses the jitted
+# step, already traced and compiled, instead of spending seconds tracing, lowering and loading it again.
+_STEPS: collections.OrderedDict[Any, ShardedTrainStep] = collections.OrderedDict()
+_STEPS_KEPT = 2
+
+
+def _step_key(graphdef, cfg, opt_cfg, mesh, params, batch) -> tuple:
+  opt = {k: v for k, v in opt_cfg.to_dict().items() if k not in ('lr', 'total_steps', 'warmup_ratio', 'min_lr_ratio')}
+  trained = sorted(g for g, lr in optimizer_lib.stage_param_groups(opt_cfg.stage, opt_cfg).items() if lr is not None)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return (graphdef, cfg, json.dumps(opt, sort_keys=True, default=repr), tuple(trained), mesh,
+          tuple((jax.tree_util.keystr(p), np.shape(x), str(x.dtype)) for p, x in leaves),
+          tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())))
+
+
+def _sharded_step(graphdef, tx, cfg, opt_cfg, mesh, params, batch, *, reuse: bool) -> ShardedTrainStep:
+  """`make_sharded_train_step`, or the one built earlier in this process for the same program (see `_STEPS`)."""
+  if not reuse:
+    return make_sharded_train_step(graphdef, tx, cfg, mesh, params, batch)
+  key = _step_key(graphdef, cfg, opt_cfg, mesh, params, batch)
+  if key in _STEPS:
+    _STEPS.move_to_end(key)
+    return _STEPS[key]
+  step = _STEPS[key] = make_sharded_train_step(graphdef, tx, cfg, mesh, params, batch)
+  while len(_STEPS) > _STEPS_KEPT:
+    _STEPS.popitem(last=False)
+  return step
+
+
 def build_training(config: ml_collections.ConfigDict, *, workdir: str | None = None,
                    devices: Sequence[Any] | None = None, processes: int | None = None,
                    abstract: bool = False) -> Training:
@@ -262,7 +294,7 @@ def build_training(config: ml_collections.ConfigDict, *, workdir: str | None = N
     tx, _ = optimizer_lib.make_optimizer(opt_cfg, params)
     source = data_cfg or config.data  # the same batch_size and max_length either way
     batch = batch_shapes(cfg, source.batch_size * processes, source.max_length)
-    step = make_sharded_train_step(graphdef, tx, cfg, mesh, params, batch)
+    step = _sharded_step(graphdef, tx, cfg, opt_cfg, mesh, params, batch, reuse=not abstract)
   except BaseException:
     if data is not None:  # its worker processes would outlive the error
       data.close()

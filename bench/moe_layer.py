@@ -159,7 +159,8 @@ def main() -> None:
   # Per-round ratios compare runs seconds apart, which cancels slow drifts in the machine's load.
   # The reference is the faster of the two dense forms in this run (the stricter comparison).
   ref = min(('dense_kF', 'dense_K_ffns'), key=lambda name: med[name])
-  paired = {name: statistics.median(a / b for a, b in zip(times[name], times[ref])) for name in times}
+  per_round = lambda slow, fast: statistics.median(a / b for a, b in zip(times[slow], times[fast]))
+  paired = {name: per_round(name, ref) for name in times}
   med_cpu = {name: statistics.median(v) for name, v in cpu.items()}
 
   ideal_fwd = 2 * 3 * n * k * d * f
@@ -218,11 +219,9 @@ def main() -> None:
       'dropless_rate_vs_plain_matmul': rate['moiie_dropless'] / rate['plain_matmul'],
       'capacity_rate_vs_plain_matmul': rate['moiie_capacity'] / rate['plain_matmul'],
       'dropless_speedup_vs_torch_loop': med['torch_mixtral_loop'] / med['moiie_dropless'],
-      'dropless_speedup_vs_torch_loop_paired': statistics.median(
-          a / b for a, b in zip(times['torch_mixtral_loop'], times['moiie_dropless'])),
+      'dropless_speedup_vs_torch_loop_paired': per_round('torch_mixtral_loop', 'moiie_dropless'),
       'dropless_speedup_vs_apart': med['dropless_apart'] / med['moiie_dropless'],
-      'dropless_speedup_vs_apart_paired': statistics.median(
-          a / b for a, b in zip(times['dropless_apart'], times['moiie_dropless'])),
+      'dropless_speedup_vs_apart_paired': per_round('dropless_apart', 'moiie_dropless'),
       'torch_max_abs_diff_vs_ours': torch_diff,
       'torch': torch_version(),
   }

@@ -221,12 +221,8 @@ def grouped_ffn(x: jax.Array, w_in: tuple[jax.Array, ...], b_in: tuple[jax.Array
     raise ValueError(f'grouped_ffn: expected x [M, D], w_in [G, D, F_i], w_out [G, F, D]; got x {x.shape}, '
                      f'w_in {[w.shape for w in w_in]}, w_out {w_out.shape}')
   tile = tile_rows or scan_tile(x.shape[0], w_out.shape[0])
-  n, biases = len(w_in), (*b_in, b_out)
-  present = [i for i, b in enumerate(biases) if b is not None]
-  arrays = _vary_alike(x, w_out, group_sizes.astype(jnp.int32), *w_in, *(biases[i] for i in present))
-  x, w_out, sizes, w_in = arrays[0], arrays[1], arrays[2], tuple(arrays[3:3 + n])
-  varied = dict(zip(present, arrays[3 + n:]))
-  b_in, b_out = tuple(varied.get(i) for i in range(n)), varied.get(n)
+  leaves, tree = jax.tree.flatten((x, tuple(w_in), tuple(b_in), w_out, b_out, group_sizes.astype(jnp.int32)))
+  x, w_in, b_in, w_out, b_out, sizes = jax.tree.unflatten(tree, _vary_alike(*leaves))  # absent biases stay None
   return _fused_ffn(x, w_in, b_in, w_out, b_out, sizes, act, tile)
 
 

@@ -81,26 +81,24 @@ class Experts(nnx.Module):
     group_sizes int32[E] rows each (rows past their sum are padding and give 0), run by the `gmm` backend `impl`.
     Returns the same shape in the compute dtype."""
     h = h.astype(self.dtype)
+    kernel = lambda p: p.kernel[...].astype(self.dtype)
+    bias = lambda p: None if p.bias is None else p.bias[...].astype(self.dtype)
     if group_sizes is not None and gmm.resolve(impl) == 'scan' and _FUSED_SCAN.get():
       # The whole FFN per row tile, its [R, F] activations kept in cache (see gmm.grouped_ffn).
       ins, act, out = self.parts()
-      w = lambda p: p.kernel[...].astype(self.dtype)
-      b = lambda p: None if p.bias is None else p.bias[...].astype(self.dtype)
-      return gmm.grouped_ffn(h, tuple(w(p) for p in ins), tuple(b(p) for p in ins), w(out), b(out), group_sizes, act)
+      return gmm.grouped_ffn(h, tuple(kernel(p) for p in ins), tuple(bias(p) for p in ins), kernel(out), bias(out),
+                             group_sizes, act)
     if group_sizes is not None:
       # Each row's expert, for the biases; padding rows name the zero row E.
       row_expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(h.shape[0]), side='right')
 
     def proj(p: StackedLinear, a: jax.Array) -> jax.Array:
-      w = p.kernel[...].astype(self.dtype)
+      w, b = kernel(p), bias(p)
       if group_sizes is None:
         out = jnp.einsum('ECD,EDF->ECF', a, w)
-        return out if p.bias is None else out + p.bias[...].astype(self.dtype)[:, None, :]
+        return out if b is None else out + b[:, None, :]
       out = gmm.grouped_matmul(a, w, group_sizes, impl=impl)  # [M, F]
-      if p.bias is None:
-        return out
-      bias = p.bias[...].astype(self.dtype)
-      return out + jnp.concatenate([bias, jnp.zeros_like(bias[:1])])[row_expert]
+      return out if b is None else out + jnp.concatenate([b, jnp.zeros_like(b[:1])])[row_expert]
 
     return self.ffn(h, proj)
 

@@ -392,7 +392,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   step = start
   accum = int(opt_cfg.grad_accum_steps)
   lrs_at = optimizer_lib.learning_rates(opt_cfg)  # inputs of the step: its program is the same for any schedule
-  lrs = lrs_at(step // accum)
   t0, tokens = time.perf_counter(), 0
   while step < micro_steps:
     try:
@@ -402,10 +401,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       raise
     tokens += int(host_batch['attention_mask'].sum())
     batch = mesh_lib.global_batch(_model_inputs(host_batch), mesh)
-    params, opt_state, metrics = train_step(params, opt_state, batch, lrs)
+    params, opt_state, metrics = train_step(params, opt_state, batch, lrs_at(step // accum))
     step += 1
-    if step % accum == 0:  # an update happened: the next one's lrs
-      lrs = lrs_at(step // accum)
     stop = preempted()  # on several hosts a collective: every process asks once per step
     due_save = stop or step % config.checkpoint_every == 0 or step == micro_steps
     if due_save or step % config.log_every == 0:
@@ -420,7 +417,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       elapsed = time.perf_counter() - t0
       last['tokens_per_s'] = tokens / max(elapsed, 1e-9)
       t0, tokens = time.perf_counter(), 0
-      last.update({f'lr/{g}': float(lr) for g, lr in lrs.items()})  # the next update's, as before
+      last.update({f'lr/{g}': float(lr) for g, lr in lrs_at(step // accum).items()})  # the next update's
       writer.write(step, last, metrics.get('moe_stats'), cfg)
       if jax.process_index() == 0:
         with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:

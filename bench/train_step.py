@@ -1,12 +1,14 @@
 """Training-step throughput: tokens/s and model FLOP/s of one jitted update (forward, backward, AdamW), with MFU
 where the device's peak is known (GPU/TPU; on a CPU it is left null).
 
-    python bench/train_step.py [--configs tiny,100m] [--steps 10] [--compare flatten|expert_ffn] [--out FILE]
+    python bench/train_step.py [--configs tiny,100m] [--steps 10] [--seq T] [--compare SWITCH] [--out FILE]
 
 --compare times each config twice side by side, steps alternating, with a switch off and on: `flatten`, the linear
 layers' matmuls on flattened [B*T, D] rows (`models/linear.py`, the CPU default) or on [B, T, D] as nnx.Linear
 does (`--flatten both` is the same); `expert_ffn`, the dropless experts on the CPU's scan backend fused per row
-tile (`gmm.grouped_ffn`, the default) or as one grouped matmul per projection (`moe.separate_projections`).
+tile (`gmm.grouped_ffn`, the default) or as one grouped matmul per projection (`moe.separate_projections`);
+`causal_blocks`, the decoder's attention in one block of queries or in two that skip the later keys
+(`LLMConfig.attention_causal_blocks`, 2 by default).
 
 Configs (MoIIE, 4 experts 1+1+2, top-2, interleaved, stage-2 optimizer: everything trains):
   tiny   tiny-llama (D 64, 4 layers) + tiny-siglip (32 px, 16 image tokens), batch 32 x 64 tokens
@@ -89,24 +91,35 @@ def setup(name: str, variant: str = 'moiie', seq: int | None = None):
   return cfg, spec, graphdef, tx, params, opt_state, batch
 
 
-# --compare's switches: (label, context entered while tracing the step) off, then on (the default).
+def _llm_field(**fields):
+  """A switch's config change: these LLMConfig fields replaced."""
+  return lambda cfg: dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **fields))
+
+
+# --compare's switches: (label, context entered while tracing the step[, config change]) off, then on (the default).
 SWITCHES = {
     'flatten': (('off', lambda: linear.flattening(False)), ('on', lambda: linear.flattening(True))),
     'expert_ffn': (('apart', moe_lib.separate_projections), ('fused', contextlib.nullcontext)),
+    'causal_blocks': (('1', contextlib.nullcontext, _llm_field(attention_causal_blocks=1)),
+                      ('2', contextlib.nullcontext, _llm_field(attention_causal_blocks=2))),
 }
 
 
-def measure(name: str, steps: int, compare: str | None = None) -> list[dict]:
+def measure(name: str, steps: int, compare: str | None = None, seq: int | None = None) -> list[dict]:
   """One row per variant: the platform defaults, or each side of a `SWITCHES` entry, timed alternately."""
-  cfg, spec, graphdef, tx, params, opt_state, batch = setup(name)
-  b, t = spec['batch'], spec['seq']
+  cfg, spec, graphdef, tx, params, opt_state, batch = setup(name, seq=seq)
+  b, t = batch['input_ids'].shape
   variants = SWITCHES[compare] if compare else (('auto', contextlib.nullcontext),)
   runs = {}
-  for flag, switch in variants:
+  for flag, switch, *change in variants:
     state = jax.tree.map(jnp.copy, (params, opt_state))  # each variant its own buffers (the step donates them)
     t0 = time.perf_counter()
+    v_cfg, v_graphdef = cfg, graphdef
+    if change:  # the same parameters under a changed config: the modules read it when traced
+      v_cfg = change[0](cfg)
+      v_graphdef = nnx.graphdef(nnx.eval_shape(lambda: LVLM(v_cfg, rngs=nnx.Rngs(0))))
     # A new step function per variant: jit caches traces by function, and the switch is read when tracing.
-    step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1))
+    step = jax.jit(step_lib.make_train_step(v_graphdef, tx, v_cfg), donate_argnums=(0, 1))
     with switch():
       compiled = step.lower(*state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -150,6 +163,7 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument('--configs', default='tiny,100m')
   p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--seq', type=int, default=0, help='tokens per row (0 = each config\'s own)')
   p.add_argument('--compare', choices=tuple(SWITCHES), help='time a switch off and on, side by side')
   p.add_argument('--flatten', default='auto', choices=('auto', 'both'), help='both = --compare flatten')
   p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
@@ -157,7 +171,7 @@ def main() -> None:
   args = p.parse_args()
   compile_cache.enable()
   compare = args.compare or ('flatten' if args.flatten == 'both' else None)
-  rows = [r for name in args.configs.split(',') for r in measure(name, args.steps, compare)]
+  rows = [r for name in args.configs.split(',') for r in measure(name, args.steps, compare, args.seq or None)]
   print(f'{"config":<6} {"variant":<7} {"device":<14} {"params":>12} {"batch x seq":>12} {"step s":>8} '
         f'{"tokens/s":>10} {"model TFLOP/s":>14} {"MFU":>6}')
   for r in rows:
@@ -168,7 +182,7 @@ def main() -> None:
   if compare:
     for name in args.configs.split(','):
       off, on = (next(r for r in rows if r['config'] == name and r['variant'] == label)
-                 for label, _ in SWITCHES[compare])
+                 for label, *_ in SWITCHES[compare])
       print(f'{name}: {compare} {on["variant"]} vs {off["variant"]}: '
             f'{off["step_seconds_median"] / on["step_seconds_median"]:.2f}x faster (median step), same loss: '
             f'{off["final_loss"] == on["final_loss"]} ({on["final_loss"]:.6f})')

@@ -1,4 +1,5 @@
-"""Blockwise attention (bounded score memory for long training sequences) equals whole-sequence attention."""
+"""Blockwise attention (bounded score memory for long training sequences; causal blocks that skip the later keys)
+equals whole-sequence attention."""
 
 import dataclasses
 
@@ -13,8 +14,11 @@ from moiie_jax.models import presets
 from moiie_jax.models.decoder import CausalLM
 
 
-@pytest.mark.parametrize('t,chunk,window', [(20, 8, None), (24, 8, 5), (16, 16, None)])
-def test_chunked_attention_equals_whole_sequence(t, chunk, window):
+@pytest.mark.parametrize('kind,t,chunk,window', [
+    ('chunked', 20, 8, None), ('chunked', 24, 8, 5), ('chunked', 16, 16, None),
+    ('causal', 20, 2, None), ('causal', 23, 3, 5), ('causal', 16, 1, None), ('causal', 5, 8, None)])
+def test_blockwise_attention_equals_whole_sequence(kind, t, chunk, window):
+  """chunk: the block size (chunked) or the number of blocks (causal)."""
   b, n, g, h = 2, 4, 2, 8
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
@@ -27,21 +31,32 @@ def test_chunked_attention_equals_whole_sequence(t, chunk, window):
     return jnp.sum(jnp.where(valid[:, :, None, None], out, 0.0) * jnp.cos(out)), out
 
   whole = lambda q, k, v: attn.dot_product_attention(q, k, v, mask, h ** -0.5)
-  blocks = lambda q, k, v: attn.chunked_attention(q, k, v, mask, h ** -0.5, chunk)
+  fn = attn.chunked_attention if kind == 'chunked' else attn.causal_block_attention
+  blocks = lambda q, k, v: fn(q, k, v, mask, h ** -0.5, chunk)
   (_, want), dwant = jax.value_and_grad(lambda *a: loss(whole, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
   (_, got), dgot = jax.value_and_grad(lambda *a: loss(blocks, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  np.testing.assert_allclose(got, want, atol=1e-5)
+  # A fully masked query (row 1's left padding) averages over its block's keys: never meaningful, not compared.
+  keep = np.asarray(valid)
+  np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-5)
   for a, e in zip(dgot, dwant):
     np.testing.assert_allclose(a, e, atol=1e-5)
 
 
-def test_decoder_logits_do_not_depend_on_the_attention_chunk():
-  cfg = dataclasses.replace(presets.LLM_PRESETS['tiny-llama'], attention_chunk=0)
+@pytest.mark.parametrize('field,value', [('attention_chunk', 16), ('attention_causal_blocks', 3)])
+def test_decoder_logits_do_not_depend_on_the_attention_blocks(field, value):
+  cfg = dataclasses.replace(presets.LLM_PRESETS['tiny-llama'], attention_chunk=0, attention_causal_blocks=1)
   ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 40)), jnp.int32)
-  mask = jnp.ones_like(ids).at[1, :7].set(0)
+  mask = jnp.ones_like(ids).at[1, :7].set(0).at[0, 33:].set(0)  # row 1 left-padded, row 0 right-padded
   whole = CausalLM(cfg, rngs=nnx.Rngs(0))
-  chunked = nnx.merge(nnx.graphdef(CausalLM(dataclasses.replace(cfg, attention_chunk=16), rngs=nnx.Rngs(0))),
+  blocked = nnx.merge(nnx.graphdef(CausalLM(dataclasses.replace(cfg, **{field: value}), rngs=nnx.Rngs(0))),
                       nnx.state(whole))
   want = whole(ids, attention_mask=mask).logits
-  got = chunked(ids, attention_mask=mask).logits
-  np.testing.assert_allclose(got, want, atol=1e-4)
+  got = blocked(ids, attention_mask=mask).logits
+  keep = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-4)
+
+
+def test_attention_causal_blocks_is_checked():
+  from moiie_jax.models.config import ConfigError
+  with pytest.raises(ConfigError, match='attention_causal_blocks=0'):
+    dataclasses.replace(presets.LLM_PRESETS['tiny-llama'], attention_causal_blocks=0).validate()

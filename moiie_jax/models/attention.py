@@ -98,6 +98,28 @@ def chunked_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, m
   return out.swapaxes(0, 1).reshape(b, blocks * chunk, n, h)[:, :t]
 
 
+def causal_block_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, mask_bts: jax.Array,
+                           scale: float, blocks: int) -> jax.Array:
+  """`dot_product_attention` over this call's own tokens (S = T, query t at slot t), the queries split into
+  `blocks` consecutive blocks, each against the keys up to its last query only.
+
+  Same arguments and result. Causality masks every later key anyway, so a block skips them instead of computing
+  and masking their scores: (blocks + 1) / (2 * blocks) of the score work (3/4 for two blocks), in the forward and
+  the backward pass. Exact: every query keeps every key it may attend to; only the order of float sums changes. A
+  query whose keys are all masked (left padding) averages over its block's keys instead of all T (its output is
+  never meaningful either way). Measured on a 2-core CPU, fwd + bwd at the demo's [32, 88] rows, 4 query / 2 K/V
+  heads of 16 dims: 1.51x faster with 2 blocks, 1.44x with 3 (bench/RESULTS.md).
+  """
+  t = q_btnh.shape[1]
+  size = -(-t // blocks)
+  outs = []
+  for lo in range(0, t, size):
+    hi = min(t, lo + size)
+    outs.append(dot_product_attention(q_btnh[:, lo:hi], k_bgsh[:, :, :hi], v_bgsh[:, :, :hi],
+                                      mask_bts[:, lo:hi, :hi], scale))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 class Attention(nnx.Module):
   """Self-attention of one decoder layer."""
 
@@ -175,6 +197,8 @@ class Attention(nnx.Module):
     with jax.named_scope('attention_core'):  # scores, mask, softmax, p v: a profile's label (no computation)
       if chunk and t > chunk:  # training and long prefills: bounded score memory
         out = chunked_attention(q, keys, values, mask_bts, scale, chunk)
+      elif kv is None and self.cfg.attention_causal_blocks > 1:  # keys = these queries' tokens: skip later ones
+        out = causal_block_attention(q, keys, values, mask_bts, scale, self.cfg.attention_causal_blocks)
       else:
         out = dot_product_attention(q, keys, values, mask_bts, scale)
     y = getattr(self, self.cfg.attn_out_name)(out.reshape(b, t, self.num_heads * self.head_dim))

@@ -225,6 +225,11 @@ class LLMConfig:
   # Attention over more than this many queries runs a block of this many at a time (attention.chunked_attention):
   # score memory O(chunk * S) instead of O(T * S). 0 = never.
   attention_chunk: int = 512
+  # Without a KV cache (training, scoring) and up to attention_chunk queries, attention runs the queries in this
+  # many blocks, each against the keys up to its last query (attention.causal_block_attention): the later keys
+  # are causally masked anyway, so 2 blocks skip a quarter of the score work. Exact up to the order of float sums.
+  # 1 = all keys for all queries (what HF computes).
+  attention_causal_blocks: int = 2
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
 
@@ -295,6 +300,9 @@ class LLMConfig:
     _check_choice('LLMConfig', 'remat_policy', self.remat_policy, REMAT_POLICIES)
     if self.attention_chunk < 0:
       raise ConfigError(f'LLMConfig.attention_chunk={self.attention_chunk}: expected >= 0 (0 = whole sequence)')
+    if self.attention_causal_blocks < 1:
+      raise ConfigError(f'LLMConfig.attention_causal_blocks={self.attention_causal_blocks}: expected >= 1 (1 = one '
+                        f'block of all queries)')
     if self.mlp_kind == 'swiglu' and self.hidden_act != 'silu':
       raise ConfigError(f'LLMConfig.hidden_act={self.hidden_act!r}: the {self.architecture} MLP is SwiGLU; only '
                         f'silu is supported')

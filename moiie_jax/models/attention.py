@@ -107,8 +107,8 @@ def causal_block_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Arr
   and masking their scores: (blocks + 1) / (2 * blocks) of the score work (3/4 for two blocks), in the forward and
   the backward pass. Exact: every query keeps every key it may attend to; only the order of float sums changes. A
   query whose keys are all masked (left padding) averages over its block's keys instead of all T (its output is
-  never meaningful either way). Measured on a 2-core CPU, fwd + bwd at the demo's [32, 88] rows, 4 query / 2 K/V
-  heads of 16 dims: 1.51x faster with 2 blocks, 1.44x with 3 (bench/RESULTS.md).
+  never meaningful either way). On a 2-core CPU the demo-shaped training step (32 rows of 88 tokens) runs 1.10x
+  faster with 2 blocks than with 1 (`bench/train_step.py --compare causal_blocks`, bench/RESULTS.md).
   """
   t = q_btnh.shape[1]
   size = -(-t // blocks)

@@ -13,6 +13,8 @@ A recipe file is `configs/NAME.py` with `get_config(arg)` returning `base_config
   model.dtype               compute dtype (bfloat16 on accelerators; parameters stay float32 masters)
   model.scan_layers, .remat, .remat_policy   execution of the decoder layers (remat_policy: full | minimal | dots,
                             see LLMConfig; the full-size recipes scan their layers and recompute them whole)
+  model.attention_causal_blocks   attention without a cache in this many query blocks, each skipping the keys
+                            after its last query (2 by default; 1 = every key for every query, as HF computes it)
   init.checkpoint           a converted-checkpoint folder (python -m moiie_jax.convert, or a previous stage's
                             WORKDIR/final); a dense checkpoint is upcycled when model.variant is an MoE kind
   init.fresh_connector      initialise the connector afresh instead of taking the checkpoint's (S2 switched on
@@ -105,7 +107,7 @@ def base_config(stage: str = 'stage2') -> ml_collections.ConfigDict:
                                          aux_loss_coef=0.001, aux_loss_scope='global', z_loss_coef=0.0,
                                          modality_rule='all_image')),
       vision_feature_layer=-2, s2_scales=None, dtype='bfloat16', scan_layers=False, remat=False, remat_policy='full',
-      vocab_size=0))  # 0 = the preset's (from-scratch models size it to their tokenizer)
+      attention_causal_blocks=2, vocab_size=0))  # 0 = the preset's (from-scratch models size it to their tokenizer)
   c.init = ml_collections.ConfigDict(dict(checkpoint='', fresh_connector=False))
   # Device mesh (moiie_jax/parallel/mesh.py): -1 = the rest of the devices. Experts are split over `expert`,
   # parameters FSDP-style over `fsdp` (and `expert` for non-expert weights), the batch over data x fsdp x expert.
@@ -143,7 +145,7 @@ def model_config(config: ml_collections.ConfigDict, base: LVLMConfig | None = No
   execution fields from the recipe."""
   m = config.model
   llm_exec = dict(moe=moe_from_config(m), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
-                  remat_policy=m.remat_policy)
+                  remat_policy=m.remat_policy, attention_causal_blocks=int(m.get('attention_causal_blocks', 2)))
   if base is None:
     if m.get('vocab_size', 0):
       llm_exec['vocab_size'] = int(m.vocab_size)

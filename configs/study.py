@@ -57,7 +57,8 @@ def get_config(arg: str | None = None):
   c.stage1 = ml_collections.ConfigDict(dict(steps=6 if a.quick else 400, seed=0, init=a.init))
   # Stage 2: 1000 steps. At 500 the arms were at 0.58-0.61 overall, still learning the visual and text kinds; one
   # MoIIE run of 1500 steps reached visual 0.91, text 1.00, binding 0.32 (chance 0.23). With 1000, table=1 (12
-  # runs) took 51 min on 2 shared CPU cores, inside the hour (bench/RESULTS.md); 1500 would not fit.
+  # runs) took 51 min on 2 shared CPU cores, and 31 min after the demo recipe's shorter buckets and the causal
+  # attention blocks (bench/RESULTS.md). 1500 would take ~45 min by that run's per-step times: not yet measured.
   c.stage2 = ml_collections.ConfigDict(dict(steps=6 if a.quick else 1000))
   # Overrides of every stage (both stages, every arm), as (dotted field, value) pairs. The quick form's smaller
   # batches keep the CI check short; the code paths are the same.

@@ -35,8 +35,9 @@ def test_blockwise_attention_equals_whole_sequence(kind, t, chunk, window):
   blocks = lambda q, k, v: fn(q, k, v, mask, h ** -0.5, chunk)
   (_, want), dwant = jax.value_and_grad(lambda *a: loss(whole, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
   (_, got), dgot = jax.value_and_grad(lambda *a: loss(blocks, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  # A fully masked query (row 1's left padding) averages over its block's keys: never meaningful, not compared.
-  keep = np.asarray(valid)
+  # Chunks keep every key, so every query matches; a causal block's fully masked query (row 1's left padding)
+  # averages over its block's keys instead: never meaningful, not compared.
+  keep = np.ones(valid.shape, bool) if kind == 'chunked' else np.asarray(valid)
   np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-5)
   for a, e in zip(dgot, dwant):
     np.testing.assert_allclose(a, e, atol=1e-5)
@@ -52,7 +53,8 @@ def test_decoder_logits_do_not_depend_on_the_attention_blocks(field, value):
                       nnx.state(whole))
   want = whole(ids, attention_mask=mask).logits
   got = blocked(ids, attention_mask=mask).logits
-  keep = np.asarray(mask, bool)
+  # Chunks compare at every token; causal blocks at the real ones (see above).
+  keep = np.ones(mask.shape, bool) if field == 'attention_chunk' else np.asarray(mask, bool)
   np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-4)
 
 

@@ -117,7 +117,7 @@ def causal_block_attention(q_btnh: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Arr
     hi = min(t, lo + size)
     outs.append(dot_product_attention(q_btnh[:, lo:hi], k_bgsh[:, :, :hi], v_bgsh[:, :, :hi],
                                       mask_bts[:, lo:hi, :hi], scale))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+  return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):

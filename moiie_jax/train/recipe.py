@@ -39,7 +39,7 @@ import dataclasses
 import ml_collections
 
 from moiie_jax.models import presets
-from moiie_jax.models.config import LVLMConfig, MoEConfig
+from moiie_jax.models.config import LLMConfig, LVLMConfig, MoEConfig
 from moiie_jax.train import optimizer as optimizer_lib
 
 MOE_OVERRIDE_FIELDS = ('top_k', 'renormalize', 'capacity_factor', 'eval_capacity_factor', 'placement',
@@ -145,7 +145,8 @@ def model_config(config: ml_collections.ConfigDict, base: LVLMConfig | None = No
   execution fields from the recipe."""
   m = config.model
   llm_exec = dict(moe=moe_from_config(m), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
-                  remat_policy=m.remat_policy, attention_causal_blocks=int(m.get('attention_causal_blocks', 2)))
+                  remat_policy=m.remat_policy,
+                  attention_causal_blocks=int(m.get('attention_causal_blocks', LLMConfig.attention_causal_blocks)))
   if base is None:
     if m.get('vocab_size', 0):
       llm_exec['vocab_size'] = int(m.vocab_size)

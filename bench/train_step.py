@@ -8,7 +8,8 @@ layers' matmuls on flattened [B*T, D] rows (`models/linear.py`, the CPU default)
 does (`--flatten both` is the same); `expert_ffn`, the dropless experts on the CPU's scan backend fused per row
 tile (`gmm.grouped_ffn`, the default) or as one grouped matmul per projection (`moe.separate_projections`);
 `causal_blocks`, the decoder's attention in one block of queries or in two that skip the later keys
-(`LLMConfig.attention_causal_blocks`, 2 by default).
+(`LLMConfig.attention_causal_blocks`, 2 by default); `scan_tiles`, the scan backend's tiles all of 128 rows or its
+default whole + remainder tiles (`gmm.scan_tiles`).
 
 Configs (MoIIE, 4 experts 1+1+2, top-2, interleaved, stage-2 optimizer: everything trains):
   tiny   tiny-llama (D 64, 4 layers) + tiny-siglip (32 px, 16 image tokens), batch 32 x 64 tokens
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moiie_jax import compile_cache  # noqa: E402
 from moiie_jax.data.conversations import IGNORE_INDEX  # noqa: E402
+from moiie_jax.models import gmm  # noqa: E402
 from moiie_jax.models import linear  # noqa: E402
 from moiie_jax.models import moe as moe_lib  # noqa: E402
 from moiie_jax.models import presets  # noqa: E402
@@ -102,6 +104,9 @@ SWITCHES = {
     'expert_ffn': (('apart', moe_lib.separate_projections), ('fused', contextlib.nullcontext)),
     'causal_blocks': (('1', contextlib.nullcontext, _llm_field(attention_causal_blocks=1)),
                       ('2', contextlib.nullcontext, _llm_field(attention_causal_blocks=2))),
+    # The scan backend's tiles: all of 128 rows (the tile the previous rule, ~M / (8G), chose at the demo's shape)
+    # against the default whole + remainder tiles (gmm.scan_tiles).
+    'scan_tiles': (('128', lambda: gmm.tiles_as(gmm.Tiles(128, 128))), ('auto', contextlib.nullcontext)),
 }
 
 

@@ -64,14 +64,16 @@ def group_loop(x, w, sizes):
   return out
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-def test_grouped_matmul_equals_a_loop_over_groups(impl):
+# The scan backend with one tile size (one loop), and with whole tiles of 16 rows and remainder tiles of 4 (two
+# loops: groups of 0, 1, 3, 9, 11, 21, 27 and 40 rows give every mix of whole and remainder tiles).
+@pytest.mark.parametrize('impl,tiles', [('scan', 8), ('scan', (16, 4)), ('ragged_dot', None), ('megablox', None)])
+def test_grouped_matmul_equals_a_loop_over_groups(impl, tiles):
   rng = np.random.default_rng(0)
   x, w, cot = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (G, K, N), (M, N)))
 
   @jax.jit
   def run(x, w, sizes):
-    f = lambda x, w: gmm.grouped_matmul(x, w, sizes, impl=impl, tile_rows=8)
+    f = lambda x, w: gmm.grouped_matmul(x, w, sizes, impl=impl, tile_rows=tiles)
     return f(x, w), jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), argnums=(0, 1))(x, w)
 
   x64, w64, cot64 = (a.astype(np.float64) for a in (x, w, cot))
@@ -216,6 +218,37 @@ def test_fused_expert_ffn_equals_the_projections_one_by_one(layout):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
     else:
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f'{layout} {jax.tree_util.keystr(path)}')
+
+
+@pytest.mark.parametrize('tiles', [8, (16, 4)])
+def test_grouped_ffn_equals_a_loop_over_groups(tiles):
+  # The fused FFN's own forward and backward (custom VJP) against autodiff of a plain loop over the groups, with one
+  # tile size and with whole + remainder tiles; SwiGLU with biases on both projections in and out.
+  rng = np.random.default_rng(1)
+  sizes = [3, 9, 0, 27]
+  x, dy = (rng.standard_normal((M, d)).astype(np.float32) for d in (D, D))
+  w_in = tuple(0.3 * rng.standard_normal((G, D, F)).astype(np.float32) for _ in range(2))
+  b_in = tuple(0.3 * rng.standard_normal((G, F)).astype(np.float32) for _ in range(2))
+  w_out, b_out = 0.3 * rng.standard_normal((G, F, D)).astype(np.float32), rng.standard_normal((G, D)).astype(np.float32)
+  act = lambda gate, up: jax.nn.silu(gate) * up
+
+  def fused(x, w_in, b_in, w_out, b_out):
+    return gmm.grouped_ffn(x, w_in, b_in, w_out, b_out, jnp.asarray(sizes), act, tile_rows=tiles)
+
+  def loop(x, w_in, b_in, w_out, b_out):
+    out, start = [], 0
+    for g, size in enumerate(sizes):
+      xg = x[start:start + size]
+      h = act(*(xg @ w[g] + b[g] for w, b in zip(w_in, b_in)))
+      out.append(h @ w_out[g] + b_out[g])
+      start += size
+    return jnp.concatenate(out + [jnp.zeros((M - start, D))])
+
+  run = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * dy), argnums=(0, 1, 2, 3, 4)))
+  args = (x, w_in, b_in, w_out, b_out)
+  assert_trees_close(run(fused)(*args), run(loop)(*args), f'tiles {tiles} ')
+  y = jax.jit(fused)(*args)
+  assert np.all(np.asarray(y)[sum(sizes):] == 0)  # padding rows
 
 
 # ================================================================================================ expert parallel

@@ -4,10 +4,12 @@
 times w[g], where start_g = sum(sizes[:g]); rows at or past sum(sizes) are padding: their outputs are 0 and they
 receive no gradient. Backends (`MoEConfig.grouped_matmul`):
 
-  'scan'        a loop over (row tile, group) visits: each tile of R rows is visited once per group it overlaps
-                (at most ceil(M/R) + G - 1 visits, only the occupied ones run), w[g] is read by a dynamic slice, so
-                no [M, K, N] or per-tile copy of the weights is ever made; a custom VJP keeps x, w and the sizes as
-                residuals and accumulates dW in float32 in place. Right on every platform, fast on none but a CPU.
+  'scan'        a loop over each group's rows in tiles that start at the group's first row: its whole tiles of
+                R rows (no masking: every row is the group's), then what is left in tiles of r <= R rows, masked to
+                the group (at most G * (r - 1) wasted rows, against (G - 1) * R for tiles on a fixed grid, and the
+                products over R rows: dW's contraction is R deep); w[g] is read by a dynamic slice, so no [M, K, N]
+                or per-tile copy of the weights is ever made; a custom VJP keeps x, w and the sizes as residuals and
+                accumulates dW in float32 in place. Right on every platform, fast on none but a CPU.
   'ragged_dot'  `jax.lax.ragged_dot`, differentiated by JAX: the GPU path (XLA's grouped GEMM). On a CPU it is a
                 dense expansion over the groups, exact but G times the work.
   'megablox'    the Pallas TPU kernels of `jax.experimental.pallas.ops.tpu.megablox`: `gmm` forward, and its own
@@ -24,7 +26,7 @@ ahead of time for a TPU slice on a CPU host must pick (and lower, not interpret)
 context read at trace time it must be entered inside the traced function (jit's cache does not key on it);
 `parallel.dispatch.expert_parallel` enters it for its mesh's platform.
 
-M rows, K contraction width, N output width, G groups, R rows per tile.
+M rows, K contraction width, N output width, G groups, R rows per whole tile, r per remainder tile.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ import jax.numpy as jnp
 
 from moiie_jax.models.config import GROUPED_MATMULS, ConfigError
 
-__all__ = ['GROUPED_MATMULS', 'MEGABLOX_TILES', 'grouped_ffn', 'grouped_matmul', 'resolve', 'target_platform',
-           'platform']
+__all__ = ['GROUPED_MATMULS', 'MEGABLOX_TILES', 'Tiles', 'grouped_ffn', 'grouped_matmul', 'platform', 'resolve',
+           'scan_tiles', 'target_platform', 'tiles_as']
 
 # Preferred megablox tiles (rows, contraction, output), MaxText's defaults; each is cut to fit the problem.
 MEGABLOX_TILES = (512, 1024, 1024)
 _BACKEND_BY_PLATFORM = {'tpu': 'megablox', 'gpu': 'ragged_dot'}
 _PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar('moiie_gmm_platform', default=None)
+_TILES: contextvars.ContextVar[Tiles | None] = contextvars.ContextVar('moiie_gmm_tiles', default=None)
 
 
 # ------------------------------------------------------------------------------------------------ platform
@@ -81,11 +84,11 @@ def resolve(impl: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ the function
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: str = 'auto',
-                   tile_rows: int | None = None) -> jax.Array:
+                   tile_rows: int | tuple[int, int] | None = None) -> jax.Array:
   """x: [M, K] rows sorted by group; w: [G, K, N]; group_sizes: int[G] (sum <= M) -> [M, N] in x's dtype.
 
-  Rows past sum(group_sizes) give 0 and get no gradient. `tile_rows` (R) is the scan backend's row tile; None
-  picks a power of two near M / (8G) in [8, 512] (see `scan_tile`). x and w must share a dtype.
+  Rows past sum(group_sizes) give 0 and get no gradient. `tile_rows` is the scan backend's (R, r), or one number
+  for both; None picks them from M and G (see `scan_tiles`). x and w must share a dtype.
   """
   if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1] or group_sizes.shape != (w.shape[0],):
     raise ValueError(f'grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got x {x.shape}, '
@@ -93,45 +96,93 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
   x, w, sizes = _vary_alike(x, w, group_sizes.astype(jnp.int32))
   backend = resolve(impl)
   if backend == 'scan':
-    return _scan_gmm(x, w, sizes, tile_rows or scan_tile(x.shape[0], w.shape[0]))
+    if not x.shape[0]:
+      return jnp.zeros((0, w.shape[2]), x.dtype)
+    return _scan_gmm(x, w, sizes, _tiles(tile_rows, x.shape[0], w.shape[0]))
   if backend == 'ragged_dot':
     return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=x.dtype)
   return _megablox(x, w, sizes, interpret=platform() != 'tpu')
 
 
 # ------------------------------------------------------------------------------------------------ scan
-def scan_tile(m: int, g: int) -> int:
-  """The scan backend's rows per tile for M rows in G groups: ~M / (8G), a power of two in [8, 512]. A tile that straddles a group boundary is visited once
-  per group, so the wasted rows are at most (G - 1) * R ~ M / 8, while tiles stay large enough for a matmul."""
-  target = max(1.0, m / (8 * g))
-  return int(min(512, max(8, 2 ** round(math.log2(target)))))
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """The scan backend's row tiles: `whole` (R) rows per tile that lies inside one group, `rest` (r <= R) per tile of
+  what is left of a group after its whole tiles. Frozen: a static argument."""
+  whole: int
+  rest: int
+
+  def __post_init__(self):
+    if not 1 <= self.rest <= self.whole:
+      raise ValueError(f'scan tiles: expected 1 <= rest <= whole rows, got whole={self.whole}, rest={self.rest}')
 
 
-def _visits(sizes: jax.Array, tile: int):
-  """The (tile, group) pairs that hold rows, group by group: per group its first tile, its first and one-past-last
-  visit, its first and one-past-last row."""
+def scan_tiles(m: int, g: int) -> Tiles:
+  """The scan backend's tiles for M rows in G groups: R ~ M / (2G), a power of two in [8, 1024], and r = R / 4
+  (at least 8). Whole tiles make the products R rows deep (dW's contraction); a group's last R - 1 rows at most go
+  through tiles of r, which waste under r rows per group. At the full default shape (8192 rows in 4 groups) R = 1024,
+  r = 256 (bench/RESULTS.md, 2026-12-03 sixth); at test sizes R = r = 8 (one loop)."""
+  whole = int(min(1024, max(8, 2 ** round(math.log2(max(1.0, m / (2 * g)))))))
+  return Tiles(whole, max(8, whole // 4))
+
+
+@contextlib.contextmanager
+def tiles_as(tiles: Tiles | None):
+  """While active (at trace time, like `target_platform`), the scan backend uses `tiles` wherever no tile_rows
+  are passed (None: `scan_tiles`' choice). For benchmarks comparing tile sizes on the same model."""
+  token = _TILES.set(tiles)
+  try:
+    yield tiles
+  finally:
+    _TILES.reset(token)
+
+
+def _tiles(tile_rows: int | tuple[int, int] | None, m: int, g: int) -> Tiles:
+  """The tiles for M >= 1 rows: as asked (or chosen), cut to M rows (a tile never reaches past the array)."""
+  if tile_rows is None:
+    tiles = _TILES.get() or scan_tiles(m, g)
+  else:
+    tiles = Tiles(*((tile_rows, tile_rows) if isinstance(tile_rows, int) else tile_rows))
+  return Tiles(min(tiles.whole, m), min(tiles.rest, m))
+
+
+def _loop(sizes: jax.Array, m: int, tiles: Tiles, init, step):
+  """Runs step(carry, group, first_row, rows, row_mask) over every group's rows of an array of M rows, in tiles
+  that start at the group's first row: its whole tiles of R rows (row_mask None: all the group's), then its
+  remaining rows in tiles of r (row_mask bool[r]: which rows are the group's). `rows` is the tile's (static) row
+  count. A remainder tile that would reach past row M starts at M - r instead, its mask shifted along (so no array
+  is ever padded: rows the mask leaves out are neither used nor written).
+
+  Two while loops with data-dependent trip counts: empty groups cost nothing. With R == r there is one loop.
+  """
   ends = jnp.cumsum(sizes)
   starts = ends - sizes
-  first = starts // tile
-  count = jnp.where(sizes > 0, (ends + tile - 1) // tile - first, 0)
-  visit_ends = jnp.cumsum(count)
-  return first, visit_ends - count, visit_ends, starts, ends
 
+  def group_of(v, visit_ends):  # visits run group by group: the group whose visits include v
+    return jnp.sum(visit_ends <= v).astype(jnp.int32)
 
-def _loop(sizes: jax.Array, tile: int, init, step):
-  """Runs step(carry, group, first_row_of_tile, row_mask [R]) over the occupied (tile, group) visits, in order.
+  carry, rest_starts = init, starts
+  if tiles.whole > tiles.rest:
+    n_whole = sizes // tiles.whole
+    whole_ends = jnp.cumsum(n_whole)
 
-  A while loop with a data-dependent trip count: unoccupied tiles and empty groups cost nothing.
-  """
-  first, visit_starts, visit_ends, starts, ends = _visits(sizes, tile)
+    def whole_tile(v, carry):
+      g = group_of(v, whole_ends)
+      return step(carry, g, starts[g] + (v - whole_ends[g] + n_whole[g]) * tiles.whole, tiles.whole, None)
 
-  def body(v, carry):
-    g = jnp.sum(visit_ends <= v).astype(jnp.int32)  # the group of visit v (visits run group by group)
-    row0 = (first[g] + v - visit_starts[g]) * tile
-    rows = row0 + jnp.arange(tile)
-    return step(carry, g, row0, (rows >= starts[g]) & (rows < ends[g]))
+    carry = jax.lax.fori_loop(0, whole_ends[-1], whole_tile, carry)
+    rest_starts = starts + n_whole * tiles.whole
+  n_rest = (ends - rest_starts + tiles.rest - 1) // tiles.rest
+  rest_ends = jnp.cumsum(n_rest)
 
-  return jax.lax.fori_loop(0, visit_ends[-1], body, init)
+  def rest_tile(v, carry):
+    g = group_of(v, rest_ends)
+    row0 = rest_starts[g] + (v - rest_ends[g] + n_rest[g]) * tiles.rest
+    start = jnp.minimum(row0, m - tiles.rest)
+    rows = start + jnp.arange(tiles.rest)
+    return step(carry, g, start, tiles.rest, (rows >= row0) & (rows < ends[g]))
+
+  return jax.lax.fori_loop(0, rest_ends[-1], rest_tile, carry)
 
 
 def _vary_alike(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -143,57 +194,58 @@ def _vary_alike(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(a + zero.astype(a.dtype) for a in arrays)
 
 
-def _pad_rows(a: jax.Array, tile: int) -> jax.Array:
-  extra = -a.shape[0] % tile
-  return jnp.pad(a, ((0, extra), (0, 0))) if extra else a
+def _take(a: jax.Array, row0, rows: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(a, row0, rows)
 
 
-def _take(a: jax.Array, row0, tile: int) -> jax.Array:
-  return jax.lax.dynamic_slice_in_dim(a, row0, tile)
+def _mask(a: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """a's rows where mask holds, 0 elsewhere (a itself for a whole tile)."""
+  return a if mask is None else jnp.where(mask[:, None], a, 0)
 
 
-def _put(out: jax.Array, value: jax.Array, row0, tile: int, mask: jax.Array) -> jax.Array:
-  """Writes value [R, ...] into out's rows [row0, row0 + R) where mask holds, keeping the rest."""
-  prev = _take(out, row0, tile)
-  return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask[:, None], value.astype(out.dtype), prev), row0, 0)
+def _put(out: jax.Array, value: jax.Array, row0, mask: jax.Array | None) -> jax.Array:
+  """Writes value [rows, ...] into out's rows from row0 where mask holds (all of them for None), keeping the rest."""
+  value = value.astype(out.dtype)
+  if mask is not None:
+    value = jnp.where(mask[:, None], value, _take(out, row0, value.shape[0]))
+  return jax.lax.dynamic_update_slice_in_dim(out, value, row0, 0)
 
 
 def _add_at(acc: jax.Array, g, value: jax.Array) -> jax.Array:
   return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, g, keepdims=False) + value, g, 0)
 
 
-def _tile_product(a_pad: jax.Array, w: jax.Array, sizes: jax.Array, tile: int, transpose: bool) -> jax.Array:
-  """Rows of a_pad [Mp, A] through w[g] ([A, B], or w[g].T when transposed), written only where a group owns them."""
+def _tile_product(a: jax.Array, w: jax.Array, sizes: jax.Array, tiles: Tiles, transpose: bool) -> jax.Array:
+  """Rows of a [M, A] through w[g] ([A, B], or w[g].T when transposed), written only where a group owns them."""
   width = w.shape[1] if transpose else w.shape[2]
 
-  def step(out, g, row0, mask):
-    a_t = _take(a_pad, row0, tile)  # [R, A]
+  def step(out, g, row0, rows, mask):
+    a_t = _take(a, row0, rows)  # [rows, A]
     w_g = jax.lax.dynamic_index_in_dim(w, g, keepdims=False)  # [K, N]: a slice, not a gathered copy
-    return _put(out, a_t @ (w_g.T if transpose else w_g), row0, tile, mask)
+    return _put(out, a_t @ (w_g.T if transpose else w_g), row0, mask)
 
-  return _loop(sizes, tile, jax.lax.full_like(a_pad, 0, jnp.result_type(a_pad, w), (a_pad.shape[0], width)), step)
+  return _loop(sizes, a.shape[0], tiles, jax.lax.full_like(a, 0, jnp.result_type(a, w), (a.shape[0], width)), step)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _scan_gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, tile: int) -> jax.Array:
+def _scan_gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, tiles: Tiles) -> jax.Array:
   """The scan backend (see the module docstring). x: [M, K], w: [G, K, N], sizes: int32[G] -> [M, N]."""
-  return _tile_product(_pad_rows(x, tile), w, sizes, tile, transpose=False)[:x.shape[0]]
+  return _tile_product(x, w, sizes, tiles, transpose=False)
 
 
-def _scan_gmm_fwd(x, w, sizes, tile):
-  return _scan_gmm(x, w, sizes, tile), (x, w, sizes)
+def _scan_gmm_fwd(x, w, sizes, tiles):
+  return _scan_gmm(x, w, sizes, tiles), (x, w, sizes)
 
 
-def _scan_gmm_bwd(tile, res, g):
+def _scan_gmm_bwd(tiles, res, g):
   x, w, sizes = res
-  g_pad, x_pad = _pad_rows(g, tile), _pad_rows(x, tile)
-  dx = _tile_product(g_pad, w, sizes, tile, transpose=True)[:x.shape[0]]
+  dx = _tile_product(g, w, sizes, tiles, transpose=True)
 
-  def accumulate(dw, e, row0, mask):
-    x_t = jnp.where(mask[:, None], _take(x_pad, row0, tile), 0)  # [R, K], its group's rows
-    return _add_at(dw, e, jnp.dot(x_t.T, _take(g_pad, row0, tile), preferred_element_type=jnp.float32))  # [K, N]
+  def accumulate(dw, e, row0, rows, mask):
+    x_t = _mask(_take(x, row0, rows), mask)  # [rows, K], its group's rows
+    return _add_at(dw, e, jnp.dot(x_t.T, _take(g, row0, rows), preferred_element_type=jnp.float32))  # [K, N]
 
-  dw = _loop(sizes, tile, jax.lax.full_like(w, 0, jnp.float32), accumulate)
+  dw = _loop(sizes, x.shape[0], tiles, jax.lax.full_like(w, 0, jnp.float32), accumulate)
   return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 
@@ -203,7 +255,7 @@ _scan_gmm.defvjp(_scan_gmm_fwd, _scan_gmm_bwd)
 # ------------------------------------------------------------------------------------------------ fused FFN (scan)
 def grouped_ffn(x: jax.Array, w_in: tuple[jax.Array, ...], b_in: tuple[jax.Array | None, ...], w_out: jax.Array,
                 b_out: jax.Array | None, group_sizes: jax.Array, act: Callable[..., jax.Array], *,
-                tile_rows: int | None = None) -> jax.Array:
+                tile_rows: int | tuple[int, int] | None = None) -> jax.Array:
   """A whole expert FFN per group on the scan backend: y = act(x w_in[0][g] + b_in[0][g], ...) w_out[g] + b_out[g].
 
   x: [M, D] rows sorted by group; w_in: [G, D, F_i] each (SwiGLU's gate and up, Phi-3's joined gate_up, or
@@ -220,10 +272,12 @@ def grouped_ffn(x: jax.Array, w_in: tuple[jax.Array, ...], b_in: tuple[jax.Array
   if x.ndim != 2 or w_out.ndim != 3 or any(w.shape[:2] != (w_out.shape[0], x.shape[1]) for w in w_in):
     raise ValueError(f'grouped_ffn: expected x [M, D], w_in [G, D, F_i], w_out [G, F, D]; got x {x.shape}, '
                      f'w_in {[w.shape for w in w_in]}, w_out {w_out.shape}')
-  tile = tile_rows or scan_tile(x.shape[0], w_out.shape[0])
+  if not x.shape[0]:
+    return jnp.zeros((0, w_out.shape[2]), jnp.result_type(x, w_out))
+  tiles = _tiles(tile_rows, x.shape[0], w_out.shape[0])
   leaves, tree = jax.tree.flatten((x, tuple(w_in), tuple(b_in), w_out, b_out, group_sizes.astype(jnp.int32)))
   x, w_in, b_in, w_out, b_out, sizes = jax.tree.unflatten(tree, _vary_alike(*leaves))  # absent biases stay None
-  return _fused_ffn(x, w_in, b_in, w_out, b_out, sizes, act, tile)
+  return _fused_ffn(x, w_in, b_in, w_out, b_out, sizes, act, tiles)
 
 
 def _pre_activations(x_t, w_in, b_in, g):
@@ -234,51 +288,47 @@ def _pre_activations(x_t, w_in, b_in, g):
   return pre
 
 
-def _ffn_forward(x, w_in, b_in, w_out, b_out, sizes, act, tile, keep: bool):
-  """(y [M, D], pre-activations [Mp, F_i] each if keep else ())."""
-  x_pad = _pad_rows(x, tile)
+def _ffn_forward(x, w_in, b_in, w_out, b_out, sizes, act, tiles, keep: bool):
+  """(y [M, D], pre-activations [M, F_i] each if keep else ())."""
   dtype = jnp.result_type(x, w_out)
-  y = jax.lax.full_like(x_pad, 0, dtype, (x_pad.shape[0], w_out.shape[2]))
-  kept = tuple(jax.lax.full_like(x_pad, 0, dtype, (x_pad.shape[0], w.shape[2])) for w in w_in) if keep else ()
+  y = jax.lax.full_like(x, 0, dtype, (x.shape[0], w_out.shape[2]))
+  kept = tuple(jax.lax.full_like(x, 0, dtype, (x.shape[0], w.shape[2])) for w in w_in) if keep else ()
 
-  def step(carry, g, row0, mask):
+  def step(carry, g, row0, rows, mask):
     y, kept = carry
-    pre = _pre_activations(_take(x_pad, row0, tile), w_in, b_in, g)
+    pre = _pre_activations(_take(x, row0, rows), w_in, b_in, g)
     out = act(*pre) @ jax.lax.dynamic_index_in_dim(w_out, g, keepdims=False)
     if b_out is not None:
       out = out + jax.lax.dynamic_index_in_dim(b_out, g, keepdims=False).astype(out.dtype)
-    kept = tuple(_put(k, a, row0, tile, mask) for k, a in zip(kept, pre))
-    return _put(y, out, row0, tile, mask), kept
+    kept = tuple(_put(k, a, row0, mask) for k, a in zip(kept, pre))
+    return _put(y, out, row0, mask), kept
 
-  y, kept = _loop(sizes, tile, (y, kept), step)
-  return y[:x.shape[0]], kept
+  return _loop(sizes, x.shape[0], tiles, (y, kept), step)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _fused_ffn(x, w_in, b_in, w_out, b_out, sizes, act, tile):
-  return _ffn_forward(x, w_in, b_in, w_out, b_out, sizes, act, tile, keep=False)[0]
+def _fused_ffn(x, w_in, b_in, w_out, b_out, sizes, act, tiles):
+  return _ffn_forward(x, w_in, b_in, w_out, b_out, sizes, act, tiles, keep=False)[0]
 
 
-def _fused_ffn_fwd(x, w_in, b_in, w_out, b_out, sizes, act, tile):
-  y, kept = _ffn_forward(x, w_in, b_in, w_out, b_out, sizes, act, tile, keep=True)
+def _fused_ffn_fwd(x, w_in, b_in, w_out, b_out, sizes, act, tiles):
+  y, kept = _ffn_forward(x, w_in, b_in, w_out, b_out, sizes, act, tiles, keep=True)
   return y, (x, w_in, b_in, w_out, b_out, sizes, kept)
 
 
-def _fused_ffn_bwd(act, tile, res, dy):
+def _fused_ffn_bwd(act, tiles, res, dy):
   x, w_in, b_in, w_out, b_out, sizes, kept = res
-  x_pad, dy_pad = _pad_rows(x, tile), _pad_rows(dy, tile)
   f32 = jnp.float32
   zeros = lambda a: None if a is None else jax.lax.full_like(a, 0, f32)
-  init = (jax.lax.full_like(x_pad, 0, x.dtype), tuple(zeros(w) for w in w_in), tuple(zeros(b) for b in b_in),
+  init = (jax.lax.full_like(x, 0, x.dtype), tuple(zeros(w) for w in w_in), tuple(zeros(b) for b in b_in),
           zeros(w_out), zeros(b_out))
 
-  def step(carry, g, row0, mask):
+  def step(carry, g, row0, rows, mask):
     dx, dw_in, db_in, dw_out, db_out = carry
-    rows = mask[:, None]
-    dy_t = jnp.where(rows, _take(dy_pad, row0, tile), 0)  # other groups' rows give no gradient here
-    x_t = jnp.where(rows, _take(x_pad, row0, tile), 0)
-    h, act_vjp = jax.vjp(act, *(_take(k, row0, tile) for k in kept))
-    dw_out = _add_at(dw_out, g, jnp.dot(jnp.where(rows, h, 0).T, dy_t, preferred_element_type=f32))
+    dy_t = _mask(_take(dy, row0, rows), mask)  # other groups' rows give no gradient here
+    x_t = _mask(_take(x, row0, rows), mask)
+    h, act_vjp = jax.vjp(act, *(_take(k, row0, rows) for k in kept))
+    dw_out = _add_at(dw_out, g, jnp.dot(_mask(h, mask).T, dy_t, preferred_element_type=f32))
     if db_out is not None:
       db_out = _add_at(db_out, g, jnp.sum(dy_t.astype(f32), axis=0))
     dh = dy_t @ jax.lax.dynamic_index_in_dim(w_out, g, keepdims=False).T
@@ -291,11 +341,11 @@ def _fused_ffn_bwd(act, tile, res, dy):
         db_in[i] = _add_at(db_in[i], g, jnp.sum(da.astype(f32), axis=0))
       part = da @ jax.lax.dynamic_index_in_dim(w, g, keepdims=False).T
       dx_t = part if dx_t is None else dx_t + part
-    return _put(dx, dx_t, row0, tile, mask), tuple(dw_in), tuple(db_in), dw_out, db_out
+    return _put(dx, dx_t, row0, mask), tuple(dw_in), tuple(db_in), dw_out, db_out
 
-  dx, dw_in, db_in, dw_out, db_out = _loop(sizes, tile, init, step)
+  dx, dw_in, db_in, dw_out, db_out = _loop(sizes, x.shape[0], tiles, init, step)
   cast = lambda d, like: None if d is None else d.astype(like.dtype)
-  return (dx[:x.shape[0]], tuple(cast(d, w) for d, w in zip(dw_in, w_in)),
+  return (dx, tuple(cast(d, w) for d, w in zip(dw_in, w_in)),
           tuple(cast(d, b) for d, b in zip(db_in, b_in)), cast(dw_out, w_out), cast(db_out, b_out), None)
 
 
@@ -334,7 +384,7 @@ def _megablox(x: jax.Array, w: jax.Array, sizes: jax.Array, *, interpret: bool) 
   from jax.experimental.pallas.ops.tpu import megablox  # pylint: disable=import-outside-toplevel  (Pallas: lazily)
   m = x.shape[0]
   tm = min(MEGABLOX_TILES[0], -(-m // 8) * 8)
-  x_pad = _pad_rows(x, tm)
+  x_pad = jnp.pad(x, ((0, -m % tm), (0, 0)))
   owned = (jnp.arange(x_pad.shape[0]) < jnp.sum(sizes))[:, None]
   y = megablox.gmm(jnp.where(owned, x_pad, 0), w, sizes, x.dtype, _Tiles(), None, None, False, interpret)
   return jnp.where(owned, y, 0)[:m]

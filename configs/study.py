@@ -60,9 +60,12 @@ def get_config(arg: str | None = None):
   # runs) took 51 min on 2 shared CPU cores, and 31 min after the demo recipe's shorter buckets and the causal
   # attention blocks (bench/RESULTS.md). 1500 would take ~45 min by that run's per-step times: not yet measured.
   c.stage2 = ml_collections.ConfigDict(dict(steps=6 if a.quick else 1000))
-  # Overrides of every stage (both stages, every arm), as (dotted field, value) pairs. The quick form's smaller
-  # batches keep the CI check short; the code paths are the same.
-  c.overrides = (('data.batch_size', 8),) if a.quick else ()
+  # Overrides of every stage (both stages, every arm), as (dotted field, value) pairs. The quick form keeps the CI
+  # check short with smaller batches, one length bucket (one compiled step per stage instead of one per bucket its
+  # batches hit) and one checkpoint per run, at its end (the study saves at half its steps too); the code paths are
+  # the same.
+  c.overrides = ((('data.batch_size', 8), ('data.length_buckets', (64,)), ('checkpoint_every', 6)) if a.quick
+                 else ())
   c.data = ml_collections.ConfigDict(dict(
       source=a.data, seed=0, n_train=48 if a.quick else 1200, n_eval=12 if a.quick else 300, image_size=32,
       # data=files: LLaVA JSON files for stage 1 and stage 2, and an eval file whose records carry a "kind"

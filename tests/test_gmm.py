@@ -152,8 +152,10 @@ def layer_setup(layout, b=2, t=12):
 
 def fast_compile(fn, *args):
   """jit(fn) compiled for `args` with XLA's backend optimisations off: these tests compare numbers within 1e-5 and
-  spend most of their time compiling tiny programs (about half of it goes with this)."""
-  return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 0})
+  spend most of their time compiling tiny programs (about half of it goes with this). With the library's own
+  emitters (conftest.PRODUCTION_EMITTERS): the fused FFN is checked bit for bit against the projections one by one."""
+  from conftest import PRODUCTION_EMITTERS
+  return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 0, **PRODUCTION_EMITTERS})
 
 
 def output_and_grads(forward, graphdef, cot):

@@ -274,10 +274,12 @@ def test_learning_rates_as_inputs_are_bit_identical_and_leave_one_program():
   # be the same for another schedule (peaks, warmup, length), so that such runs reuse one compiled step.
   _, params, _ = _params()
 
+  from conftest import PRODUCTION_EMITTERS  # two programs compared bit for bit
+
   def run(cfg):
     tx, _ = opt.make_optimizer(cfg, params)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=PRODUCTION_EMITTERS)
     def update(p, s, g, lrs):
       with opt.given_learning_rates(lrs):
         u, s = tx.update(g, s, p)

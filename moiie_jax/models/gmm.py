@@ -158,31 +158,37 @@ def _loop(sizes: jax.Array, m: int, tiles: Tiles, init, step):
   ends = jnp.cumsum(sizes)
   starts = ends - sizes
 
-  def group_of(v, visit_ends):  # visits run group by group: the group whose visits include v
-    return jnp.sum(visit_ends <= v).astype(jnp.int32)
+  def visits(counts, first_rows, rows):
+    """(number of visits, v -> (group, first row of visit v)) for `counts` tiles of `rows` rows per group, each
+    group's from its `first_rows`; visits run group by group."""
+    visit_ends = jnp.cumsum(counts)
+
+    def locate(v):
+      g = jnp.sum(visit_ends <= v).astype(jnp.int32)
+      return g, first_rows[g] + (v - visit_ends[g] + counts[g]) * rows
+
+    return visit_ends[-1], locate
 
   carry, rest_starts = init, starts
   if tiles.whole > tiles.rest:
     n_whole = sizes // tiles.whole
-    whole_ends = jnp.cumsum(n_whole)
+    n_visits, locate = visits(n_whole, starts, tiles.whole)
 
     def whole_tile(v, carry):
-      g = group_of(v, whole_ends)
-      return step(carry, g, starts[g] + (v - whole_ends[g] + n_whole[g]) * tiles.whole, tiles.whole, None)
+      g, row0 = locate(v)
+      return step(carry, g, row0, tiles.whole, None)
 
-    carry = jax.lax.fori_loop(0, whole_ends[-1], whole_tile, carry)
+    carry = jax.lax.fori_loop(0, n_visits, whole_tile, carry)
     rest_starts = starts + n_whole * tiles.whole
-  n_rest = (ends - rest_starts + tiles.rest - 1) // tiles.rest
-  rest_ends = jnp.cumsum(n_rest)
+  n_visits, locate = visits((ends - rest_starts + tiles.rest - 1) // tiles.rest, rest_starts, tiles.rest)
 
   def rest_tile(v, carry):
-    g = group_of(v, rest_ends)
-    row0 = rest_starts[g] + (v - rest_ends[g] + n_rest[g]) * tiles.rest
+    g, row0 = locate(v)
     start = jnp.minimum(row0, m - tiles.rest)
     rows = start + jnp.arange(tiles.rest)
     return step(carry, g, start, tiles.rest, (rows >= row0) & (rows < ends[g]))
 
-  return jax.lax.fori_loop(0, rest_ends[-1], rest_tile, carry)
+  return jax.lax.fori_loop(0, n_visits, rest_tile, carry)
 
 
 def _vary_alike(*arrays: jax.Array) -> tuple[jax.Array, ...]:

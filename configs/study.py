@@ -54,18 +54,19 @@ def get_config(arg: str | None = None):
   c.recipe = f'configs/{a.recipe}.py'
   c.quick = a.quick
   # init: the converted checkpoint stage 1 starts from (a full-size recipe); the demo recipe starts from scratch.
-  c.stage1 = ml_collections.ConfigDict(dict(steps=6 if a.quick else 400, seed=0, init=a.init))
+  quick_steps = 6  # per stage in the quick form
+  c.stage1 = ml_collections.ConfigDict(dict(steps=quick_steps if a.quick else 400, seed=0, init=a.init))
   # Stage 2: 1000 steps. At 500 the arms were at 0.58-0.61 overall, still learning the visual and text kinds; one
   # MoIIE run of 1500 steps reached visual 0.91, text 1.00, binding 0.32 (chance 0.23). With 1000, table=1 (12
   # runs) took 51 min on 2 shared CPU cores, and 31 min after the demo recipe's shorter buckets and the causal
   # attention blocks (bench/RESULTS.md). 1500 would take ~45 min by that run's per-step times: not yet measured.
-  c.stage2 = ml_collections.ConfigDict(dict(steps=6 if a.quick else 1000))
+  c.stage2 = ml_collections.ConfigDict(dict(steps=quick_steps if a.quick else 1000))
   # Overrides of every stage (both stages, every arm), as (dotted field, value) pairs. The quick form keeps the CI
   # check short with smaller batches, one length bucket (one compiled step per stage instead of one per bucket its
   # batches hit) and one checkpoint per run, at its end (the study saves at half its steps too); the code paths are
   # the same.
-  c.overrides = ((('data.batch_size', 8), ('data.length_buckets', (64,)), ('checkpoint_every', 6)) if a.quick
-                 else ())
+  c.overrides = ((('data.batch_size', 8), ('data.length_buckets', (64,)), ('checkpoint_every', quick_steps))
+                 if a.quick else ())
   c.data = ml_collections.ConfigDict(dict(
       source=a.data, seed=0, n_train=48 if a.quick else 1200, n_eval=12 if a.quick else 300, image_size=32,
       # data=files: LLaVA JSON files for stage 1 and stage 2, and an eval file whose records carry a "kind"

@@ -64,6 +64,17 @@ def group_loop(x, w, sizes):
   return out
 
 
+def test_scan_tiles_by_shape_and_platform():
+  # R ~ M / (2G) on a CPU (at most 1024), ~ M / G on a GPU (at most 4096); r = R / 4, at least 8 rows.
+  assert gmm.scan_tiles(8192, 4) == gmm.Tiles(1024, 256)  # the full default layer on a CPU
+  assert gmm.scan_tiles(64, 4) == gmm.Tiles(8, 8)
+  assert gmm.scan_tiles(10 ** 6, 4) == gmm.Tiles(1024, 256)
+  with gmm.target_platform('cuda'):
+    assert gmm.scan_tiles(16384, 4) == gmm.Tiles(4096, 1024)  # the Phi-3-mini layer, measured on an H200
+    assert gmm.scan_tiles(8192, 4) == gmm.Tiles(2048, 512)
+    assert gmm.scan_tiles(10 ** 6, 4) == gmm.Tiles(4096, 1024)
+
+
 # The scan backend with one tile size (one loop), and with whole tiles of 16 rows and remainder tiles of 4 (two
 # loops: groups of 0, 1, 3, 9, 11, 21, 27 and 40 rows give every mix of whole and remainder tiles).
 @pytest.mark.parametrize('impl,tiles', [('scan', 8), ('scan', (16, 4)), ('ragged_dot', None), ('megablox', None)])

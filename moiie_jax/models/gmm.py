@@ -9,7 +9,8 @@ receive no gradient. Backends (`MoEConfig.grouped_matmul`):
                 the group (at most G * (r - 1) wasted rows, against (G - 1) * R for tiles on a fixed grid, and the
                 products over R rows: dW's contraction is R deep); w[g] is read by a dynamic slice, so no [M, K, N]
                 or per-tile copy of the weights is ever made; a custom VJP keeps x, w and the sizes as residuals and
-                accumulates dW in float32 in place. Right on every platform, fast on none but a CPU.
+                accumulates dW in float32 in place. Right on every platform; the CPU's path, and on a GPU at
+                full size faster than ragged_dot (bench/RESULTS.md, 2026-12-04).
   'ragged_dot'  `jax.lax.ragged_dot`, differentiated by JAX: the GPU path (XLA's grouped GEMM). On a CPU it is a
                 dense expansion over the groups, exact but G times the work.
   'megablox'    the Pallas TPU kernels of `jax.experimental.pallas.ops.tpu.megablox`: `gmm` forward, and its own
@@ -118,11 +119,14 @@ class Tiles:
 
 
 def scan_tiles(m: int, g: int) -> Tiles:
-  """The scan backend's tiles for M rows in G groups: R ~ M / (2G), a power of two in [8, 1024], and r = R / 4
-  (at least 8). Whole tiles make the products R rows deep (dW's contraction); a group's last R - 1 rows at most go
-  through tiles of r, which waste under r rows per group. At the full default shape (8192 rows in 4 groups) R = 1024,
-  r = 256 (bench/RESULTS.md, 2026-12-03 sixth); at test sizes R = r = 8 (one loop)."""
-  whole = int(min(1024, max(8, 2 ** round(math.log2(max(1.0, m / (2 * g)))))))
+  """The scan backend's tiles for M rows in G groups on the target platform: R ~ M / (2G), a power of two in
+  [8, 1024], and r = R / 4 (at least 8). Whole tiles make the products R rows deep (dW's contraction); a group's
+  last R - 1 rows at most go through tiles of r, which waste under r rows per group. At the full default shape (8192
+  rows in 4 groups) R = 1024, r = 256 (bench/RESULTS.md, 2026-12-03 sixth); at test sizes R = r = 8 (one loop).
+  On a GPU, where each tile is a kernel launch, R ~ M / G up to 4096: at the Phi-3-mini layer (16384 rows in 4
+  groups) R = 4096, r = 1024 ran 1.39x faster than 1024 + 256 on an H200 (bench/RESULTS.md, 2026-12-04)."""
+  per_group, cap = (m / g, 4096) if platform() == 'gpu' else (m / (2 * g), 1024)
+  whole = int(min(cap, max(8, 2 ** round(math.log2(max(1.0, per_group))))))
   return Tiles(whole, max(8, whole // 4))
 
 

@@ -100,6 +100,48 @@ def test_grouped_matmul_equals_a_loop_over_groups(impl, tiles):
     assert np.all(np.asarray(y)[ends[-1]:] == 0) and np.all(np.asarray(dx)[ends[-1]:] == 0)  # padding rows
 
 
+ON_HOPPER = jax.default_backend() == 'gpu' and any(h in jax.devices()[0].device_kind for h in ('H100', 'H200'))
+
+
+def test_mosaic_gpu_names_what_it_needs():
+  # Checked before any kernel is built, so on every platform.
+  x, w, sizes = jnp.zeros((40, 128), jnp.bfloat16), jnp.zeros((4, 128, 256), jnp.bfloat16), jnp.zeros(4, jnp.int32)
+  if not ON_HOPPER:
+    with pytest.raises(ConfigError, match=r"mosaic_gpu.*Hopper GPU \(H100/H200\) only.*platform is cpu"):
+      gmm.grouped_matmul(x, w, sizes, impl='mosaic_gpu')
+  with gmm.target_platform('gpu'):
+    with pytest.raises(ConfigError, match=r"mosaic_gpu.*bfloat16 or float16.*float32"):
+      gmm.grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), sizes, impl='mosaic_gpu')
+    with pytest.raises(ConfigError, match=r"mosaic_gpu.*multiples of 128.*\(4, 64, 256\)"):
+      gmm.grouped_matmul(x[:, :64], w[:, :64], sizes, impl='mosaic_gpu')
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason='Mosaic GPU kernels run on an H100/H200 only (no interpret mode)')
+def test_mosaic_gpu_equals_a_loop_over_groups():
+  # bf16 products against the float64 loop: 1000 rows (not a multiple of the kernels' 128), an empty group and
+  # padding rows past the last group; forward, dX and dW through the custom VJP.
+  rng = np.random.default_rng(0)
+  m, k, n, sizes = 1000, 256, 384, [300, 0, 411, 250]
+  x, w, cot = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (4, k, n), (m, n)))
+  w *= 0.05
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+
+  @jax.jit
+  def run(x, w, sizes):
+    f = lambda x, w: gmm.grouped_matmul(x, w, sizes, impl='mosaic_gpu')
+    return f(x, w), jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * cot), argnums=(0, 1))(x, w)
+
+  y, (dx, dw) = run(bf(x), bf(w), np.asarray(sizes, np.int32))
+  x64, w64, cot64 = (np.asarray(bf(a), np.float64) for a in (x, w, cot))  # the operands as the kernels see them
+  ends = np.cumsum(sizes)
+  want_dw = np.stack([x64[e - s:e].T @ cot64[e - s:e] for s, e in zip(sizes, ends)])
+  want_dx = group_loop(cot64, w64.transpose(0, 2, 1), sizes)
+  for got, want, what in ((y, group_loop(x64, w64, sizes), 'y'), (dx, want_dx, 'dx'), (dw, want_dw, 'dw')):
+    got = np.asarray(got, np.float64)
+    assert np.max(np.abs(got - want)) <= 2e-2 * np.max(np.abs(want)), what  # bf16 outputs: 8 bits of mantissa
+  assert np.all(np.asarray(y, np.float32)[ends[-1]:] == 0) and np.all(np.asarray(dx, np.float32)[ends[-1]:] == 0)
+
+
 def test_auto_follows_the_target_platform():
   assert gmm.platform() == 'cpu' and gmm.resolve('auto') == 'scan'
   with gmm.target_platform('tpu'):

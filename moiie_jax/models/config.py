@@ -26,7 +26,7 @@ MODALITY_RULES = ('all_image', 'official')
 AUX_LOSS_SCOPES = ('global', 'per_layer', 'sum')
 GATES = ('mixtral', 'deepspeed')
 GATE_NOISES = ('none', 'gumbel')
-GROUPED_MATMULS = ('auto', 'scan', 'ragged_dot', 'megablox')
+GROUPED_MATMULS = ('auto', 'scan', 'ragged_dot', 'megablox', 'mosaic_gpu')
 
 
 def _freeze(value: Any) -> Any:
@@ -107,8 +107,8 @@ class MoEConfig:
   router_init_std: float | None = None
   # The dropless layer's grouped matmul (`models.gmm`): 'auto' picks by the target platform (TPU megablox, GPU
   # ragged_dot, else scan). Execution only: the parameters and the result do not depend on it. On an H200 at the
-  # Phi-3-mini shape 'scan' (its GPU tiles, 4096 + 1024 rows) ran the layer 1.86x faster than ragged_dot
-  # (bench/RESULTS.md, 2026-12-04).
+  # Phi-3-mini shape (bf16) 'mosaic_gpu' ran the dropless layer 3.2x faster than ragged_dot and 'scan' 1.86x
+  # (bench/RESULTS.md, 2026-12-04); 'mosaic_gpu' is opt-in (Hopper, bf16/fp16, K and N multiples of 128).
   grouped_matmul: str = 'auto'
 
   @property

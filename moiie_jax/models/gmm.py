@@ -1,4 +1,4 @@
-"""Grouped matmul: rows sorted by group, each group through its own weight matrix, with three backends.
+"""Grouped matmul: rows sorted by group, each group through its own weight matrix, with four backends.
 
 `grouped_matmul(x, w, group_sizes, impl=...)` computes, for every group g, rows [start_g, start_g + sizes[g]) of x
 times w[g], where start_g = sum(sizes[:g]); rows at or past sum(sizes) are padding: their outputs are 0 and they
@@ -16,6 +16,9 @@ receive no gradient. Backends (`MoEConfig.grouped_matmul`):
   'megablox'    the Pallas TPU kernels of `jax.experimental.pallas.ops.tpu.megablox`: `gmm` forward, and its own
                 custom VJP (`gmm` with transpose_rhs for dX, `tgmm` for dW). Only the row tiles a group occupies are
                 computed. Off a TPU it runs in Pallas interpret mode (slow; for tests).
+  'mosaic_gpu'  Hopper's Pallas Mosaic-GPU kernels of `jax.experimental.pallas.ops.gpu` (wgmma): `ragged_dot_mgpu`
+                forward and (transpose_rhs) for dX, `transposed_ragged_dot_mgpu` for dW, in a custom VJP; bf16 or
+                fp16 operands, K and N multiples of 128. Opt-in: an H100/H200 only (no interpret mode elsewhere).
   'auto'        by the target platform: TPU -> megablox, GPU -> ragged_dot, anything else -> scan.
 
 `grouped_ffn(x, w_in, b_in, w_out, b_out, group_sizes, act)` runs a whole expert FFN on the scan backend, every
@@ -102,6 +105,9 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
     return _scan_gmm(x, w, sizes, _tiles(tile_rows, x.shape[0], w.shape[0]))
   if backend == 'ragged_dot':
     return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=x.dtype)
+  if backend == 'mosaic_gpu':
+    _check_mosaic_gpu(x, w)
+    return _mosaic_gmm(x, w, sizes) if x.shape[0] else jnp.zeros((0, w.shape[2]), x.dtype)
   return _megablox(x, w, sizes, interpret=platform() != 'tpu')
 
 
@@ -398,3 +404,62 @@ def _megablox(x: jax.Array, w: jax.Array, sizes: jax.Array, *, interpret: bool) 
   owned = (jnp.arange(x_pad.shape[0]) < jnp.sum(sizes))[:, None]
   y = megablox.gmm(jnp.where(owned, x_pad, 0), w, sizes, x.dtype, _Tiles(), None, None, False, interpret)
   return jnp.where(owned, y, 0)[:m]
+
+
+# ------------------------------------------------------------------------------------------------ mosaic_gpu
+# Blocks 128 x 128 x 64 in 4 pipeline stages: the fastest of five settings of the forward kernel on an H200 at the
+# Phi-3-mini layer (bench/RESULTS.md, 2026-12-04).
+_MOSAIC_BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)
+_MOSAIC_ROWS = 128  # rows are padded to a multiple of this (zero rows belong to no group)
+_HOPPER = ('H100', 'H200', 'H800', 'H20', 'GH200')  # device kinds with sm_90a (wgmma)
+
+
+def _check_mosaic_gpu(x: jax.Array, w: jax.Array) -> None:
+  kind = jax.devices()[0].device_kind if jax.default_backend() == 'gpu' else None
+  if platform() != 'gpu' or (kind is not None and not any(h in kind for h in _HOPPER)):
+    raise ConfigError(f"grouped_matmul='mosaic_gpu': runs on a Hopper GPU (H100/H200) only, its kernels having no "
+                      f'interpret mode; the target platform is {platform()}' + (f' ({kind})' if kind else ''))
+  if x.dtype not in (jnp.bfloat16, jnp.float16) or w.dtype != x.dtype:
+    raise ConfigError(f"grouped_matmul='mosaic_gpu': expected bfloat16 or float16 operands of one dtype "
+                      f'(model.dtype and param_dtype), got x {x.dtype}, w {w.dtype}')
+  if x.shape[1] % 128 or w.shape[2] % 128:
+    raise ConfigError(f"grouped_matmul='mosaic_gpu': expected K and N multiples of 128, got x {x.shape}, "
+                      f'w {w.shape}')
+
+
+def _mosaic_product(a: jax.Array, w: jax.Array, sizes: jax.Array, transpose_rhs: bool) -> jax.Array:
+  """a [M, K] times w[g] ([G, K, N]; with transpose_rhs w[g]^T, w given as [G, N, K]) per group -> [M, out]; rows
+  past sum(sizes) are 0."""
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # pylint: disable=import-outside-toplevel
+  m = a.shape[0]
+  width = w.shape[1] if transpose_rhs else w.shape[2]
+  a = jnp.pad(a, ((0, -m % _MOSAIC_ROWS), (0, 0)))
+  grid_block_n = next(b for b in (4, 2, 1) if width % (b * _MOSAIC_BLOCKS['block_n']) == 0)
+  y = ragged_dot_mgpu.ragged_dot(a, w, group_sizes=sizes, transpose_rhs=transpose_rhs, grid_block_n=grid_block_n,
+                                 **_MOSAIC_BLOCKS)
+  owned = (jnp.arange(a.shape[0]) < jnp.sum(sizes))[:, None]  # rows of no group: not the kernel's to write
+  return jnp.where(owned, y, 0)[:m]
+
+
+@jax.custom_vjp
+def _mosaic_gmm(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+  return _mosaic_product(x, w, sizes, transpose_rhs=False)
+
+
+def _mosaic_gmm_fwd(x, w, sizes):
+  return _mosaic_gmm(x, w, sizes), (x, w, sizes)
+
+
+def _mosaic_gmm_bwd(res, g):
+  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu  # pylint: disable=import-outside-toplevel
+  x, w, sizes = res
+  g = g.astype(x.dtype)
+  dx = _mosaic_product(g, w, sizes, transpose_rhs=True)  # [M, K]: g [M, N] times w[g]^T
+  pad = ((0, -x.shape[0] % _MOSAIC_ROWS), (0, 0))
+  # dW[g] = x_g^T g_g: the kernel contracts over the rows of each group ([M, K] and [M, N] -> [G, K, N]).
+  dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(jnp.pad(x, pad), jnp.pad(g, pad), group_sizes=sizes,
+                                                        grid_block_n=1, **_MOSAIC_BLOCKS)
+  return dx, dw.astype(w.dtype), None
+
+
+_mosaic_gmm.defvjp(_mosaic_gmm_fwd, _mosaic_gmm_bwd)

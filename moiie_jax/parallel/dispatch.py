@@ -186,9 +186,10 @@ def _moe_forward(block: moe_lib.MoEBlock, x: jax.Array, modality: jax.Array, val
   axis, tokens = plan.expert_axis, plan.tokens
   rows_spec = P(tokens or None)
   total = (lambda a: jax.lax.psum(a, tokens)) if tokens else None
-  # Pallas kernels (megablox) give their outputs no varying mesh axes, which shard_map's type check requires;
-  # without the check shard_map's transpose sums the replicated inputs' gradients itself (the same gradients).
-  check_vma = exchange == 'capacity' or cf > 0 or gmm.resolve(moe.grouped_matmul) != 'megablox'
+  # Pallas kernels (megablox, mosaic_gpu) give their outputs no varying mesh axes, which shard_map's type check
+  # requires; without the check shard_map's transpose sums the replicated inputs' gradients itself (the same
+  # gradients).
+  check_vma = exchange == 'capacity' or cf > 0 or gmm.resolve(moe.grouped_matmul) not in ('megablox', 'mosaic_gpu')
 
   if exchange == 'local':
     block_def, block_state = nnx.split(block)

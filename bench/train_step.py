@@ -9,7 +9,8 @@ does (`--flatten both` is the same); `expert_ffn`, the dropless experts on the C
 tile (`gmm.grouped_ffn`, the default) or as one grouped matmul per projection (`moe.separate_projections`);
 `causal_blocks`, the decoder's attention in one block of queries or in two that skip the later keys
 (`LLMConfig.attention_causal_blocks`, 2 by default); `scan_tiles`, the scan backend's tiles all of 128 rows or its
-default whole + remainder tiles (`gmm.scan_tiles`).
+default whole + remainder tiles (`gmm.scan_tiles`); `mosaic_gpu`, a GPU's dropless experts on ragged_dot or on the
+Hopper kernels (`--configs 1b` on an H100/H200).
 
 Configs (MoIIE, 4 experts 1+1+2, top-2, interleaved, stage-2 optimizer: everything trains):
   tiny   tiny-llama (D 64, 4 layers) + tiny-siglip (32 px, 16 image tokens), batch 32 x 64 tokens
@@ -98,6 +99,11 @@ def _llm_field(**fields):
   return lambda cfg: dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **fields))
 
 
+def _moe_field(**fields):
+  """A switch's config change: these MoEConfig fields replaced."""
+  return lambda cfg: _llm_field(moe=dataclasses.replace(cfg.llm.moe, **fields))(cfg)
+
+
 # --compare's switches: (label, context entered while tracing the step[, config change]) off, then on (the default).
 SWITCHES = {
     'flatten': (('off', lambda: linear.flattening(False)), ('on', lambda: linear.flattening(True))),
@@ -107,6 +113,9 @@ SWITCHES = {
     # The scan backend's tiles: all of 128 rows (the tile the previous rule, ~M / (8G), chose at the demo's shape)
     # against the default whole + remainder tiles (gmm.scan_tiles).
     'scan_tiles': (('128', lambda: gmm.tiles_as(gmm.Tiles(128, 128))), ('auto', contextlib.nullcontext)),
+    # A GPU's dropless experts: XLA's ragged_dot (the default) against the Hopper kernels (bf16 configs: 1b).
+    'mosaic_gpu': (('ragged_dot', contextlib.nullcontext, _moe_field(grouped_matmul='ragged_dot')),
+                   ('mosaic_gpu', contextlib.nullcontext, _moe_field(grouped_matmul='mosaic_gpu'))),
 }
 
 

@@ -100,7 +100,7 @@ def test_grouped_matmul_equals_a_loop_over_groups(impl, tiles):
     assert np.all(np.asarray(y)[ends[-1]:] == 0) and np.all(np.asarray(dx)[ends[-1]:] == 0)  # padding rows
 
 
-ON_HOPPER = jax.default_backend() == 'gpu' and any(h in jax.devices()[0].device_kind for h in gmm._HOPPER)
+ON_HOPPER = jax.default_backend() == 'gpu' and gmm.is_hopper(jax.devices()[0].device_kind)
 
 
 def test_mosaic_gpu_names_what_it_needs():

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 
 from moiie_jax.models.config import GROUPED_MATMULS, ConfigError
 
-__all__ = ['GROUPED_MATMULS', 'MEGABLOX_TILES', 'Tiles', 'grouped_ffn', 'grouped_matmul', 'platform', 'resolve',
-           'scan_tiles', 'target_platform', 'tiles_as']
+__all__ = ['GROUPED_MATMULS', 'MEGABLOX_TILES', 'Tiles', 'grouped_ffn', 'grouped_matmul', 'is_hopper', 'platform',
+           'resolve', 'scan_tiles', 'target_platform', 'tiles_as']
 
 # Preferred megablox tiles (rows, contraction, output), MaxText's defaults; each is cut to fit the problem.
 MEGABLOX_TILES = (512, 1024, 1024)
@@ -393,6 +393,11 @@ class _Tiles:
     return min(tm, m), _fit(k, tk), _fit(n, tn)
 
 
+def _in_groups(rows: int, sizes: jax.Array) -> jax.Array:
+  """bool[rows, 1]: which rows belong to a group (the rest, past sum(sizes), are padding the kernels leave)."""
+  return (jnp.arange(rows) < jnp.sum(sizes))[:, None]
+
+
 def _megablox(x: jax.Array, w: jax.Array, sizes: jax.Array, *, interpret: bool) -> jax.Array:
   """The megablox backend. Rows are padded to a multiple of the row tile (the whole padded M up to 512 rows, a
   multiple of 8: TPU sublanes); the kernel leaves rows past sum(sizes) unwritten, so they are masked on the way out,
@@ -401,7 +406,7 @@ def _megablox(x: jax.Array, w: jax.Array, sizes: jax.Array, *, interpret: bool) 
   m = x.shape[0]
   tm = min(MEGABLOX_TILES[0], -(-m // 8) * 8)
   x_pad = jnp.pad(x, ((0, -m % tm), (0, 0)))
-  owned = (jnp.arange(x_pad.shape[0]) < jnp.sum(sizes))[:, None]
+  owned = _in_groups(x_pad.shape[0], sizes)
   y = megablox.gmm(jnp.where(owned, x_pad, 0), w, sizes, x.dtype, _Tiles(), None, None, False, interpret)
   return jnp.where(owned, y, 0)[:m]
 
@@ -414,9 +419,14 @@ _MOSAIC_ROWS = 128  # rows are padded to a multiple of this (zero rows belong to
 _HOPPER = ('H100', 'H200', 'H800', 'H20', 'GH200')  # device kinds with sm_90a (wgmma)
 
 
+def is_hopper(device_kind: str) -> bool:
+  """Whether a `jax.devices()[0].device_kind` is a Hopper GPU, which the mosaic_gpu kernels need."""
+  return any(h in device_kind for h in _HOPPER)
+
+
 def _check_mosaic_gpu(x: jax.Array, w: jax.Array) -> None:
   kind = jax.devices()[0].device_kind if jax.default_backend() == 'gpu' else None
-  if platform() != 'gpu' or (kind is not None and not any(h in kind for h in _HOPPER)):
+  if platform() != 'gpu' or (kind is not None and not is_hopper(kind)):
     raise ConfigError(f"grouped_matmul='mosaic_gpu': runs on a Hopper GPU (H100/H200) only, its kernels having no "
                       f'interpret mode; the target platform is {platform()}' + (f' ({kind})' if kind else ''))
   if x.dtype not in (jnp.bfloat16, jnp.float16) or w.dtype != x.dtype:
@@ -437,8 +447,7 @@ def _mosaic_product(a: jax.Array, w: jax.Array, sizes: jax.Array, transpose_rhs:
   grid_block_n = next(b for b in (4, 2, 1) if width % (b * _MOSAIC_BLOCKS['block_n']) == 0)
   y = ragged_dot_mgpu.ragged_dot(a, w, group_sizes=sizes, transpose_rhs=transpose_rhs, grid_block_n=grid_block_n,
                                  **_MOSAIC_BLOCKS)
-  owned = (jnp.arange(a.shape[0]) < jnp.sum(sizes))[:, None]  # rows of no group: not the kernel's to write
-  return jnp.where(owned, y, 0)[:m]
+  return jnp.where(_in_groups(a.shape[0], sizes), y, 0)[:m]  # rows of no group: not the kernel's to write
 
 
 @jax.custom_vjp
